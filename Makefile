@@ -1,0 +1,35 @@
+# Two commands on a fresh clone: `make lab` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: lab test test-fast install install-test clean
+
+# The virtual environment, with torch pinned first so nothing can pull a CUDA build.
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.base
+install-test: $(VENV)/.test
+
+lab: $(VENV)/.base
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q --nbval tests notebooks
+
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -x tests
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,60 @@
+"""The KV cache: post-RoPE keys and values per layer, bounded on sliding-window layers.
+
+A sliding layer with window W only ever needs the last W-1 past keys (the query itself is the W-th),
+so its cache stays that size however long the generation runs; full layers keep everything.
+The cache also remembers the expert toggles it was built under: toggling changes the function,
+so a cache filled under other toggles is stale and the model refuses to extend it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import StaleCacheError
+
+
+class KVCache:
+    def __init__(self, windows: list[int | None], owner_id: int, toggle_key: tuple):
+        self.windows = windows  # per layer: None (full attention) or the sliding window W
+        self.keys: list[torch.Tensor | None] = [None] * len(windows)
+        self.values: list[torch.Tensor | None] = [None] * len(windows)
+        self.length = 0  # tokens seen so far (cache index of the next token)
+        self.owner_id = owner_id
+        self.toggle_key = toggle_key
+
+    def check(self, owner_id: int, toggle_key: tuple) -> None:
+        """Raise StaleCacheError unless this cache was built by this model under these expert toggles."""
+        if owner_id != self.owner_id:
+            raise StaleCacheError("this KV cache was built by a different model; start a new cache")
+        if toggle_key != self.toggle_key:
+            raise StaleCacheError("the expert toggles changed since this KV cache was built, so its keys and "
+                                  "values are stale; recompute the prefix with a new cache")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's (B, nkv, S, hd) keys/values; return every key/value the step can attend to."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)  # (B, nkv, past + S, hd)
+            v = torch.cat([self.values[layer], v], dim=2)
+        window = self.windows[layer]
+        first = 0 if window is None else k.shape[2] - min(k.shape[2], window - 1)  # sliding: keep W-1
+        self.keys[layer], self.values[layer] = k[:, :, first:], v[:, :, first:]
+        return k, v
+
+    def layer_length(self, layer: int) -> int:
+        """How many positions layer `layer` holds (bounded by W-1 on sliding layers)."""
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
+    def snapshot(self) -> tuple:
+        """Everything needed to restore this cache after a failed call."""
+        return list(self.keys), list(self.values), self.length
+
+    def restore(self, snap: tuple) -> None:
+        self.keys, self.values, self.length = list(snap[0]), list(snap[1]), snap[2]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only some batch rows (e.g. sequences still generating)."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)

@@ -1,0 +1,64 @@
+"""Every error olmo-lab raises on bad input: one base class, one subclass per kind of problem.
+
+Each message names the offending field, tensor, file or expert, so a person can fix it without
+reading a traceback from deep inside torch.
+"""
+
+
+class OlmoLabError(Exception):
+    """Base class of every olmo-lab error."""
+
+
+class ConfigError(OlmoLabError, ValueError):
+    """A config.json is missing, malformed, or describes an impossible model."""
+
+
+class CheckpointError(OlmoLabError):
+    """A checkpoint directory or weight file cannot be used."""
+
+
+class MissingTensorError(CheckpointError, KeyError):
+    """The checkpoint lacks tensors the model needs."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnexpectedTensorError(CheckpointError):
+    """The checkpoint has tensors the model does not know."""
+
+
+class ShapeMismatchError(CheckpointError, ValueError):
+    """A tensor in the checkpoint has the wrong shape or an unusable dtype."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file or index is truncated, corrupted or inconsistent."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint asks for something olmo-lab refuses to do (pickles, paths outside it)."""
+
+
+class HubError(CheckpointError):
+    """A hub repo id could not be resolved (offline, unreachable, or missing files)."""
+
+
+class TokenizerError(OlmoLabError, ValueError):
+    """A tokenizer is missing, broken, or does not fit the model; or the text input is unusable."""
+
+
+class GenerationError(OlmoLabError, ValueError):
+    """Generation arguments are invalid (token counts, temperature, top-p, ...)."""
+
+
+class ExpertError(OlmoLabError, ValueError):
+    """An expert name or index is unknown, or a toggle would leave no expert enabled."""
+
+
+class StaleCacheError(OlmoLabError, RuntimeError):
+    """A KV cache was built under different expert toggles (or another model) than it is used with."""
+
+
+class InputError(OlmoLabError, ValueError):
+    """Model inputs (token ids, masks, positions) have the wrong type, shape or range."""

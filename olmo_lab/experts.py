@@ -1,0 +1,163 @@
+"""Switching FlexOlmo experts off and on at inference time, by name or index, per layer or everywhere.
+
+    model.experts.disable("math")                 # opt-out everywhere (FlexOlmo's semantics)
+    model.experts.disable(1, layers=[0, 1], mode="drop")
+    with olmo_lab.experts_off(model, ["math"]):   # restored on exit, even after an error
+        ...
+    model.experts.state()                         # {"math": "opted out", ...} per layer
+
+Modes (see `olmo_lab.moe`):
+- "opt_out": the expert is removed before the softmax and top-k; the result equals a model that
+  never had it. A top-k larger than the number of enabled experts uses all enabled ones.
+- "drop": routing is unchanged; the expert's weighted output is zeroed, weights not renormalised.
+Every call checks everything before changing anything: an unknown name, an index out of range, an
+unknown mode or a toggle that would leave a layer with no expert raises `ExpertError` and leaves the
+toggles exactly as they were.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Sequence
+
+from .errors import ExpertError
+
+MODES = ("opt_out", "drop")
+ON, OPTED_OUT, DROPPED = "on", "opted out", "dropped"
+
+
+class ExpertToggles:
+    """The expert switchboard of one FlexOlmo model."""
+
+    def __init__(self, model):
+        self._model = model
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def names(self) -> list[str]:
+        return list(self._model.config.expert_names)
+
+    @property
+    def layers(self):
+        return [block.mlp for block in self._model.model.layers]
+
+    def state(self) -> dict[str, list[str]]:
+        """{expert name: per-layer status ("on", "opted out" or "dropped")}."""
+        out = {}
+        for e, name in enumerate(self.names):
+            out[name] = [OPTED_OUT if e in m.opted_out else DROPPED if e in m.dropped else ON for m in self.layers]
+        return out
+
+    def enabled(self, layer: int = 0) -> list[str]:
+        """Names of the experts fully on in a layer."""
+        m = self.layers[layer]
+        return [n for e, n in enumerate(self.names) if e not in m.opted_out and e not in m.dropped]
+
+    def summary(self) -> str:
+        """One line per expert: on everywhere, or where it is off and how."""
+        lines = []
+        for name, per_layer in self.state().items():
+            kinds = set(per_layer)
+            if kinds == {ON}:
+                lines.append(f"{name}: on")
+            elif len(kinds) == 1:
+                lines.append(f"{name}: {per_layer[0]} in all layers")
+            else:
+                off = [f"{i}:{s}" for i, s in enumerate(per_layer) if s != ON]
+                lines.append(f"{name}: off in layers {', '.join(off)}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ changing
+    def disable(self, experts, layers: Iterable[int] | None = None, mode: str = "opt_out") -> "ExpertToggles":
+        """Switch experts off (see the module docstring for the two modes)."""
+        if mode not in MODES:
+            raise ExpertError(f"mode: unknown toggle mode {mode!r} (expected 'opt_out' or 'drop')")
+        idx, lay = self.resolve(experts), self._resolve_layers(layers)
+        new = {}
+        for li in lay:
+            m = self.layers[li]
+            opted, dropped = set(m.opted_out), set(m.dropped)
+            for e in idx:
+                (opted if mode == "opt_out" else dropped).add(e)
+                (dropped if mode == "opt_out" else opted).discard(e)
+            if len(opted | dropped) >= m.num_experts:
+                raise ExpertError(f"cannot disable {self._describe(idx)} in layer {li}: no expert would be left "
+                                  f"enabled (at least one of {self.names} must stay on)")
+            new[li] = (frozenset(opted), frozenset(dropped))
+        self._apply(new)
+        return self
+
+    def enable(self, experts="all", layers: Iterable[int] | None = None) -> "ExpertToggles":
+        """Switch experts back on ("all" for every expert)."""
+        idx = list(range(len(self.names))) if experts == "all" else self.resolve(experts)
+        new = {li: (self.layers[li].opted_out - set(idx), self.layers[li].dropped - set(idx))
+               for li in self._resolve_layers(layers)}
+        self._apply(new)
+        return self
+
+    def reset(self) -> "ExpertToggles":
+        """Every expert on in every layer."""
+        return self.enable("all")
+
+    def snapshot(self) -> dict[int, tuple[frozenset, frozenset]]:
+        return {li: (m.opted_out, m.dropped) for li, m in enumerate(self.layers)}
+
+    def restore(self, snap: dict[int, tuple[frozenset, frozenset]]) -> None:
+        self._apply(snap)
+
+    # ------------------------------------------------------------------ helpers
+    def resolve(self, experts) -> list[int]:
+        """Names and/or indices -> sorted unique indices; ExpertError for anything unknown."""
+        if isinstance(experts, (str, int)):
+            experts = [experts]
+        if not isinstance(experts, Sequence) and not isinstance(experts, (set, frozenset)):
+            raise ExpertError(f"experts: expected a name, an index or a list of them, got {type(experts).__name__}")
+        out = set()
+        for x in experts:
+            if isinstance(x, bool) or not isinstance(x, (str, int)):
+                raise ExpertError(f"expert {x!r}: expected a name (str) or an index (int)")
+            if isinstance(x, str):
+                if x not in self.names:
+                    raise ExpertError(f"unknown expert name {x!r}; this model's experts are {self.names}")
+                out.add(self.names.index(x))
+            elif not 0 <= x < len(self.names):
+                raise ExpertError(f"expert index {x} is out of range: this model has {len(self.names)} experts "
+                                  f"(0..{len(self.names) - 1})")
+            else:
+                out.add(x)
+        if not out:
+            raise ExpertError("experts: the list of experts is empty")
+        return sorted(out)
+
+    def _resolve_layers(self, layers) -> list[int]:
+        n = len(self.layers)
+        if layers is None:
+            return list(range(n))
+        if isinstance(layers, int):
+            layers = [layers]
+        out = []
+        for li in layers:
+            if isinstance(li, bool) or not isinstance(li, int) or not -n <= li < n:
+                raise ExpertError(f"layer {li!r} is out of range: this model has {n} layers")
+            out.append(li % n)
+        return sorted(set(out))
+
+    def _describe(self, idx) -> str:
+        return ", ".join(repr(self.names[e]) for e in idx)
+
+    def _apply(self, new: dict[int, tuple[frozenset, frozenset]]) -> None:
+        for li, (opted, dropped) in new.items():
+            self.layers[li].opted_out, self.layers[li].dropped = frozenset(opted), frozenset(dropped)
+        self._model.toggles_changed()
+
+
+@contextmanager
+def experts_off(model, experts, layers: Iterable[int] | None = None, mode: str = "opt_out"):
+    """Switch experts off inside a `with` block; the previous toggles come back on exit."""
+    toggles = model.experts
+    snap = toggles.snapshot()
+    toggles.disable(experts, layers=layers, mode=mode)
+    try:
+        yield model
+    finally:
+        toggles.restore(snap)

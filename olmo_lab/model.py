@@ -1,0 +1,178 @@
+"""The whole model on one screen: embeddings, post-norm decoder blocks, final norm, LM head.
+
+The same block serves both families: its feed-forward is a dense SwiGLU (OLMo 2/3) or a mixture of
+SwiGLU experts (FlexOlmo). Module names equal the Hugging Face checkpoint keys
+(`model.layers.{i}.self_attn.q_proj.weight`, `model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, ...),
+so a state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .attention import Attention, build_mask
+from .cache import KVCache
+from .config import OlmoConfig
+from .errors import ExpertError, InputError
+from .experts import ExpertToggles
+from .mlp import SwiGLU
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, V), or the last `logits_to_keep` positions
+    cache: KVCache | None = None
+
+
+class Block(nn.Module):
+    """Post-norm ("reordered norm") block: the norms sit on the outputs, not the inputs.
+
+        h = x + norm(attention(x));  y = h + norm(ffn(h))
+    """
+
+    def __init__(self, config: OlmoConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MoE(config) if config.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        if config.is_moe:
+            self.mlp.layer_idx = layer_idx
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layer_idx = layer_idx
+        self.residual_hook: Callable[[int, torch.Tensor], None] | None = None  # set by olmo_lab.trace
+
+    def forward(self, x, cos_sin, mask, cache=None):
+        h = x + self.post_attention_layernorm(self.self_attn(x, cos_sin, mask, cache))
+        y = h + self.post_feedforward_layernorm(self.mlp(h))
+        if self.residual_hook is not None:
+            self.residual_hook(self.layer_idx, y)
+        return y
+
+
+class Transformer(nn.Module):
+    """Token embeddings, the blocks and the final norm (transformers' `model.*`)."""
+
+    def __init__(self, config: OlmoConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+
+class OlmoModel(nn.Module):
+    """An OLMo 2 / OLMo 3 / FlexOlmo causal language model."""
+
+    def __init__(self, config: OlmoConfig):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._toggle_key: tuple = ()
+        self.toggles_changed()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                use_cache: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+        """Logits for input_ids (B, S).
+
+        attention_mask (B, past + S): 1 for real tokens, 0 for padding, covering the cached tokens too.
+        position_ids (B, S): default `past + arange(S)` (not padding-aware, as in transformers' forward;
+        `generate` derives them from the mask). cache: extended in place; `use_cache=True` starts one.
+        logits_to_keep: 0 for every position, n for the last n.
+        """
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        past = self._check_inputs(input_ids, attention_mask, position_ids, cache)
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, S)
+        snapshot = cache.snapshot() if cache is not None else None
+        try:
+            x = self.model.embed_tokens(input_ids)  # (B, S, H)
+            cos_sin = self.model.rotary(position_ids)  # {layer type: (cos, sin)}, fp32
+            masks = {t: build_mask(B, S, past, self.config.window(self.config.layer_types.index(t)),
+                                   attention_mask, input_ids.device) for t in cos_sin}
+            for block, layer_type in zip(self.model.layers, self.config.layer_types):
+                x = block(x, cos_sin[layer_type], masks[layer_type], cache)
+            x = self.model.norm(x)
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            logits = self.lm_head(x)
+        except BaseException:
+            if cache is not None:  # leave the cache exactly as it was
+                cache.restore(snapshot)
+            raise
+        if cache is not None:
+            cache.length += S
+        return ModelOutput(logits, cache)
+
+    def _check_inputs(self, input_ids, attention_mask, position_ids, cache) -> int:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32):
+            raise InputError("input_ids: expected an integer tensor of shape (batch, seq_len), got "
+                             + (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+                                if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+        B, S = input_ids.shape
+        if S == 0:
+            raise InputError("input_ids: the sequence is empty")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise InputError(f"input_ids: token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        past = 0
+        if cache is not None:
+            cache.check(id(self), self._toggle_key)
+            past = cache.length
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + S):
+            raise InputError(f"attention_mask: expected shape {(B, past + S)} (batch, cached + new tokens), "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is not None and tuple(position_ids.shape) not in ((B, S), (1, S)):
+            raise InputError(f"position_ids: expected shape {(B, S)}, got {tuple(position_ids.shape)}")
+        return past
+
+    # ------------------------------------------------------------------ helpers
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model under its current expert toggles."""
+        windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
+        return KVCache(windows, id(self), self._toggle_key)
+
+    def set_attention_backend(self, backend: str) -> "OlmoModel":
+        """"sdpa" (fused, fast) or "eager" (explicit softmax). Both give the same logits up to rounding."""
+        if backend not in ("sdpa", "eager"):
+            raise ValueError(f"backend: expected 'sdpa' or 'eager', got {backend!r}")
+        for block in self.model.layers:
+            block.self_attn.backend = backend
+        return self
+
+    @property
+    def experts(self) -> ExpertToggles:
+        """The expert switchboard (FlexOlmo only)."""
+        if not self.config.is_moe:
+            raise ExpertError(f"this is a dense {self.config.model_type} model; it has no experts to toggle")
+        return ExpertToggles(self)
+
+    def toggles_changed(self) -> None:
+        """Record the current expert toggles; caches built under other toggles become stale."""
+        if self.config.is_moe:
+            self._toggle_key = tuple((b.mlp.opted_out, b.mlp.dropped) for b in self.model.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
