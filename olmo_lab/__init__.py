@@ -1,0 +1,21 @@
+"""olmo-lab: OLMo 3 and FlexOlmo built layer by layer in plain PyTorch, exact against transformers.
+
+    import olmo_lab
+    model = olmo_lab.load_model("path/or/hub-id")            # OLMo 2, OLMo 3 or FlexOlmo
+    tok = olmo_lab.load_tokenizer("path/or/hub-id")
+    print(olmo_lab.generate(model, tok, "The capital of France is", max_new_tokens=8))
+    with olmo_lab.experts_off(model, ["math"]):               # FlexOlmo opt-out
+        ...
+"""
+
+from .checkpoint import load_model, save_model
+from .config import OlmoConfig, RopeConfig
+from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, ExpertError, GenerationError, HubError,
+                     InputError, MissingTensorError, OlmoLabError, ShapeMismatchError, StaleCacheError,
+                     TokenizerError, UnexpectedTensorError, UnsafeCheckpointError)
+from .compare import compare_with_transformers
+from .experts import experts_off
+from .generate import generate
+from .model import OlmoModel
+
+__version__ = "0.1.0"

@@ -108,26 +108,7 @@ class ExpertToggles:
     # ------------------------------------------------------------------ helpers
     def resolve(self, experts) -> list[int]:
         """Names and/or indices -> sorted unique indices; ExpertError for anything unknown."""
-        if isinstance(experts, (str, int)):
-            experts = [experts]
-        if not isinstance(experts, Sequence) and not isinstance(experts, (set, frozenset)):
-            raise ExpertError(f"experts: expected a name, an index or a list of them, got {type(experts).__name__}")
-        out = set()
-        for x in experts:
-            if isinstance(x, bool) or not isinstance(x, (str, int)):
-                raise ExpertError(f"expert {x!r}: expected a name (str) or an index (int)")
-            if isinstance(x, str):
-                if x not in self.names:
-                    raise ExpertError(f"unknown expert name {x!r}; this model's experts are {self.names}")
-                out.add(self.names.index(x))
-            elif not 0 <= x < len(self.names):
-                raise ExpertError(f"expert index {x} is out of range: this model has {len(self.names)} experts "
-                                  f"(0..{len(self.names) - 1})")
-            else:
-                out.add(x)
-        if not out:
-            raise ExpertError("experts: the list of experts is empty")
-        return sorted(out)
+        return resolve_experts(self.names, experts)
 
     def _resolve_layers(self, layers) -> list[int]:
         n = len(self.layers)
@@ -161,3 +142,27 @@ def experts_off(model, experts, layers: Iterable[int] | None = None, mode: str =
         yield model
     finally:
         toggles.restore(snap)
+
+
+def resolve_experts(names: list[str], experts) -> list[int]:
+    """Expert names and/or indices -> sorted unique indices; ExpertError naming anything unknown."""
+    if isinstance(experts, (str, int)):
+        experts = [experts]
+    if not isinstance(experts, (Sequence, set, frozenset)):
+        raise ExpertError(f"experts: expected a name, an index or a list of them, got {type(experts).__name__}")
+    out = set()
+    for x in experts:
+        if isinstance(x, bool) or not isinstance(x, (str, int)):
+            raise ExpertError(f"expert {x!r}: expected a name (str) or an index (int)")
+        if isinstance(x, str):
+            if x not in names:
+                raise ExpertError(f"unknown expert name {x!r}; this model's experts are {names}")
+            out.add(names.index(x))
+        elif not 0 <= x < len(names):
+            raise ExpertError(f"expert index {x} is out of range: this model has {len(names)} experts "
+                              f"(0..{len(names) - 1})")
+        else:
+            out.add(x)
+    if not out:
+        raise ExpertError("experts: the list of experts is empty")
+    return sorted(out)

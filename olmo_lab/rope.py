@@ -65,7 +65,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: OlmoConfig):
         super().__init__()
         self.layer_types = sorted(set(config.layer_types))
-        self.tables = {t: inv_freq_for(config.rope[t], config.head_dim) for t in self.layer_types}
+        with torch.device("cpu"):  # real tensors even when the model is built on the meta device
+            self.tables = {t: inv_freq_for(config.rope[t], config.head_dim) for t in self.layer_types}
 
     def forward(self, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """position_ids (B, S) -> {layer type: (cos, sin)}, each (B, S, head_dim) in fp32."""

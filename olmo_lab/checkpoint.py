@@ -1,0 +1,407 @@
+"""Loading and saving Hugging Face-format checkpoints: config.json + safetensors (single or sharded).
+
+`load_model` reads a local directory or a hub repo id, builds the model on the meta device and fills
+it tensor by tensor straight from the (memory-mapped) safetensors files, cast to the requested dtype,
+so no second full copy of the weights is ever made. FlexOlmo experts load from either layout (per
+expert, as released, or transformers 5's fused `gate_up_proj`/`down_proj`), and `experts=[...]`
+reads only the chosen experts' tensors. Pickle files (.bin/.pt/.pkl) are never loaded and nothing in
+a checkpoint is executed. Every problem raises a specific `olmo_lab.errors` exception naming the
+tensor or file, and a failed load leaves nothing half-built behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import RELEASED_7X7B_EXPERTS, OlmoConfig
+from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, ExpertError, HubError,
+                     MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError)
+from .experts import resolve_experts
+from .model import OlmoModel
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+CHECKPOINT_FILES = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # non-persistent buffers some converters wrote
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "half": torch.float16}
+PROGRESS_BYTES = 256 * 2**20  # show a loading bar for checkpoints larger than this
+
+
+# ---------------------------------------------------------------------------------------- locating
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None,
+                       patterns: list[str] | None = None) -> str:
+    """A local directory for a path or a hub repo id (downloading only the files needed).
+
+    Honours HF_HUB_OFFLINE: offline, only the local hub cache is used. Anything that keeps the repo
+    from being resolved raises HubError naming the repo.
+    """
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise CheckpointError(f"checkpoint: {path!r} is not a directory (and not a hub repo id like 'allenai/Olmo-3-1025-7B')")
+    try:
+        from huggingface_hub import snapshot_download
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        return snapshot_download(path, revision=revision, allow_patterns=patterns or CHECKPOINT_FILES,
+                                 local_files_only=offline)
+    except Exception as e:  # huggingface_hub raises many types; report one clear error
+        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if os.environ.get("HF_HUB_OFFLINE") \
+            else f"{type(e).__name__}: {e}"
+        raise HubError(f"cannot resolve hub repo {path!r}: {why}. Pass a local directory instead, or allow "
+                       f"network access to the hub") from None
+
+
+def default_expert_names(repo_id: str, num_experts: int) -> list[str] | None:
+    """Documented names for the released allenai FlexOlmo checkpoints, from the repo id.
+
+    `allenai/Flex-<domain>-2x7B-1T` -> ["public", <domain>]; `allenai/FlexOlmo-7x7B-1T[-RT]` -> the
+    model card's order: public, math, news, academic, code, creative, reddit.
+    """
+    name = repo_id.rstrip("/").split("/")[-1]
+    m = re.fullmatch(r"Flex-([a-z0-9]+)-2x7B-1T.*", name)
+    if m and num_experts == 2:
+        return ["public", m.group(1)]
+    if name.startswith("FlexOlmo-7x7B") and num_experts == 7:
+        return list(RELEASED_7X7B_EXPERTS)
+    return None
+
+
+def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
+    """{tensor name: absolute shard path} and the list of shard files, from the index or the single file."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    real_dir = os.path.realpath(directory)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(f"{INDEX_FILE}: malformed index ({type(e).__name__}: {e})") from None
+        paths = {}
+        for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or os.path.isabs(shard) or os.path.basename(shard) != shard \
+                    or shard in ("", ".", ".."):
+                raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is not a plain file name inside the "
+                                            f"checkpoint directory; refusing to read it")
+            full = os.path.join(directory, shard)
+            if os.path.dirname(os.path.realpath(full)) != real_dir:
+                raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is a link to a file outside the "
+                                            f"checkpoint directory; refusing to read it")
+            if not shard.endswith(".safetensors"):
+                raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is not a .safetensors file; "
+                                            f"olmo-lab never loads pickled weights")
+            if not os.path.isfile(full):
+                raise CorruptCheckpointError(f"{INDEX_FILE}: shard {shard!r} is missing from {directory}")
+            paths[shard] = full
+        return {name: paths[shard] for name, shard in weight_map.items()}, sorted(paths.values())
+    single = os.path.join(directory, SINGLE_FILE)
+    if os.path.isfile(single):
+        if os.path.dirname(os.path.realpath(single)) != real_dir:
+            raise UnsafeCheckpointError(f"{SINGLE_FILE} is a link to a file outside the checkpoint directory")
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {name: single for name in f.keys()}, [single]
+        except (SafetensorError, OSError) as e:
+            raise CorruptCheckpointError(f"{SINGLE_FILE}: not a readable safetensors file ({e})") from None
+    pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise UnsafeCheckpointError(f"refusing to load pickle-based weights {pickles}: they can execute code. "
+                                    f"Convert the checkpoint to safetensors first")
+    raise MissingTensorError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               revision: str | None = None, experts: list | None = None, expert_names: list[str] | None = None,
+               progress: bool | None = None) -> OlmoModel:
+    """Load an OLMo 2 / OLMo 3 / FlexOlmo checkpoint from a directory or a hub repo id.
+
+    dtype: the parameter dtype (default: the checkpoint's `dtype` field, else its tensors' dtype);
+        RoPE tables always stay fp32.
+    experts: FlexOlmo only; names or indices of the experts to keep. Only their tensors are read,
+        and the result equals loading everything and opting the others out.
+    expert_names: names for the checkpoint's experts (default: config `expert_names`, the documented
+        names of the released allenai checkpoints, or expert_0, expert_1, ...).
+    Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor).
+    """
+    directory = resolve_checkpoint(path_or_repo_id, revision)
+    config = OlmoConfig.from_json(directory)
+    if config.is_moe:
+        names = expert_names or (None if config.expert_names != [f"expert_{i}" for i in range(config.num_experts)]
+                                 else default_expert_names(os.fspath(path_or_repo_id), config.num_experts))
+        if names is not None:
+            config = _with(config, expert_names=list(names))
+    elif expert_names is not None or experts is not None:
+        raise ExpertError(f"this is a dense {config.model_type} checkpoint; it has no experts to name or select")
+    keep = None
+    if experts is not None:
+        keep = resolve_experts(config.expert_names, experts)
+        config = _with(config, num_experts=len(keep), num_experts_per_tok=min(config.num_experts_per_tok, len(keep)),
+                       expert_names=[config.expert_names[e] for e in keep])
+    target = _parse_dtype(dtype)
+    locations, files = _weight_files(directory)
+    with torch.device("meta"):
+        model = OlmoModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    readers = {}
+    try:
+        for path in files:
+            try:
+                readers[path] = safe_open(path, framework="pt", device="cpu").__enter__()
+            except (SafetensorError, OSError) as e:
+                raise CorruptCheckpointError(f"{os.path.basename(path)}: not a readable safetensors file ({e})") from None
+        plan = _plan(config, keep, locations, expected)
+        if target is None:
+            target = DTYPES.get(config.dtype) or _stored_dtype(readers, plan)
+        show = progress if progress is not None else sum(os.path.getsize(p) for p in files) > PROGRESS_BYTES
+        state = {}
+        for name, read in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
+            tensor = read(readers)
+            _check_tensor(name, tensor, expected[name])
+            state[name] = tensor.to(device=device, dtype=target)
+            del tensor
+    finally:
+        for reader in readers.values():
+            reader.__exit__(None, None, None)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.config = _with(model.config, dtype=_dtype_name(target))
+    model.source = directory
+    return model.eval()
+
+
+def _with(config: OlmoConfig, **changes) -> OlmoConfig:
+    try:
+        return config.replace(**changes)
+    except ConfigError as e:
+        raise ExpertError(str(e)) from None
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype: {dtype} is not a floating-point dtype")
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype: unknown dtype {dtype!r} (use torch.float32, torch.bfloat16 or torch.float16)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _stored_dtype(readers, plan) -> torch.dtype:
+    """The floating dtype most of the checkpoint is stored in."""
+    name = next(iter(plan))
+    for reader in readers.values():
+        if name in reader.keys():
+            dt = reader.get_slice(name).get_dtype()
+            return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dt, torch.float32)
+    return torch.float32
+
+
+FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+ROUTER = re.compile(r"model\.layers\.\d+\.mlp\.gate\.weight")
+
+
+def _plan(config: OlmoConfig, keep: list[int] | None, locations: dict[str, str], expected: dict) -> dict:
+    """{model tensor name: function(readers) -> tensor}, reading only what is needed.
+
+    Handles the per-expert and fused FlexOlmo layouts and the expert subset (`keep`, in checkpoint
+    numbering). Raises MissingTensorError / UnexpectedTensorError naming the tensors.
+    """
+    def read(name, index=None):
+        path = locations[name]
+
+        def reader(readers):
+            try:
+                if index is None:
+                    return readers[path].get_tensor(name)
+                return _slice(readers[path], name, index)
+            except SafetensorError as e:
+                raise CorruptCheckpointError(f"tensor {name!r} in {os.path.basename(path)} cannot be read ({e})") from None
+        return reader
+
+    experts = keep if keep is not None else list(range(config.num_experts))
+    plan, used, missing = {}, set(), []
+    for name in expected:
+        m = FUSED.fullmatch(name)
+        if m:
+            prefix, local, proj = m.group(1), int(m.group(2)), m.group(3)
+            source = f"{prefix}.{experts[local]}.{proj}.weight"
+            if source in locations:
+                plan[name] = read(source)
+                used.add(source)
+                continue
+            fused = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+            if fused in locations:
+                half = {"gate_proj": 0, "up_proj": 1}.get(proj)
+                plan[name] = _fused_reader(read(fused, experts[local]), half)
+                used.add(fused)
+                continue
+            missing.append(source)
+        elif ROUTER.fullmatch(name) and name in locations:
+            plan[name] = read(name, experts) if keep is not None else read(name)
+            used.add(name)
+        elif name in locations:
+            plan[name] = read(name)
+            used.add(name)
+        else:
+            missing.append(name)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise MissingTensorError(f"checkpoint is missing {len(missing)} tensor(s) the model needs: {shown}")
+    unexpected = [n for n in locations if n not in used and not IGNORED_KEYS.fullmatch(n)
+                  and not (config.tie_word_embeddings and n == "lm_head.weight")
+                  and not (keep is not None and _is_unkept_expert(n, keep))]
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+        raise UnexpectedTensorError(f"checkpoint has {len(unexpected)} tensor(s) this {config.model_type} model does "
+                                    f"not use: {shown}")
+    return plan
+
+
+def _is_unkept_expert(name: str, keep: list[int]) -> bool:
+    m = FUSED.fullmatch(name)
+    return bool(m) and int(m.group(2)) not in keep
+
+
+def _slice(reader, name, index):
+    """Rows `index` (an int or a list of ints) of a tensor, read without loading the rest."""
+    sl = reader.get_slice(name)
+    if isinstance(index, int):
+        if not 0 <= index < sl.get_shape()[0]:
+            raise ShapeMismatchError(f"tensor {name!r} has {sl.get_shape()[0]} experts; expert {index} is not there")
+        return sl[index:index + 1][0]
+    return torch.cat([sl[i:i + 1] for i in index], dim=0)
+
+
+def _fused_reader(read_expert, half):
+    """One expert's gate, up or down weight from transformers 5's fused (E, 2I, H) / (E, H, I) tensors."""
+    def reader(readers):
+        t = read_expert(readers)  # (2I, H): [gate; up], or (H, I) for down_proj
+        return t if half is None else t.chunk(2, dim=0)[half]
+    return reader
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple) -> None:
+    if not tensor.is_floating_point():
+        raise ShapeMismatchError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
+    if tuple(tensor.shape) != shape:
+        raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, but the "
+                                 f"config implies {shape}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise CorruptCheckpointError(f"tensor {name!r} contains NaN or Inf values")
+
+
+# ---------------------------------------------------------------------------------------- saving
+def save_model(model: OlmoModel, directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
+               tokenizer=None) -> str:
+    """Write a Hugging Face-format checkpoint that transformers' `from_pretrained` loads.
+
+    FlexOlmo experts are written per expert (`mlp.experts.{e}.gate_proj.weight`, ...), as released.
+    max_shard_size (bytes or "500MB"-style): split into shards with a `model.safetensors.index.json`.
+    Files are written under temporary names and renamed, so a failure never leaves a half-written file.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    config = model.config.replace(dtype=_dtype_name(model.dtype))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards = _split(state, _parse_size(max_shard_size))
+    files = {}
+    if len(shards) == 1:
+        files[SINGLE_FILE] = shards[0]
+    else:
+        for i, shard in enumerate(shards):
+            files[f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"] = shard
+    outputs = {"config.json": config.to_dict(), "generation_config.json": _generation_config(config)}
+    if len(shards) > 1:
+        weight_map = {name: fname for fname, shard in files.items() for name in shard}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        outputs[INDEX_FILE] = {"metadata": {"total_size": total,
+                                            "total_parameters": sum(t.numel() for t in state.values())},
+                               "weight_map": dict(sorted(weight_map.items()))}
+    for fname, shard in files.items():
+        _atomic(directory, fname, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+    for fname, obj in outputs.items():
+        _atomic(directory, fname, lambda p, obj=obj: _write_json(p, obj))
+    stale = [SINGLE_FILE] if len(shards) > 1 else [INDEX_FILE]
+    for fname in stale + [f for f in os.listdir(directory) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)
+                          and f not in files]:
+        if os.path.exists(os.path.join(directory, fname)):
+            os.remove(os.path.join(directory, fname))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def _generation_config(config: OlmoConfig) -> dict:
+    return {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+            "bos_token_id": config.bos_token_id, "do_sample": False}
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _atomic(directory: str, fname: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, os.path.join(directory, fname))
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def _parse_size(size) -> int | None:
+    if size is None or isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size: expected bytes or a size like '500MB', got {size!r}")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def _split(state: dict, limit: int | None) -> list[dict]:
+    """Greedy split of the state dict into shards of at most `limit` bytes (a bigger tensor gets its own)."""
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if limit is not None and current and size + n > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += n
+    shards.append(current)
+    return shards
+
+
+def checkpoint_size(directory: str) -> int:
+    """Bytes of weights in a checkpoint directory."""
+    _, files = _weight_files(directory)
+    return sum(os.path.getsize(p) for p in files)
+
+

@@ -1,0 +1,252 @@
+"""Text generation with a KV cache: greedy or sampled, EOS and stop strings, left-padded batches, streaming.
+
+    generate(model, tok, "Once upon a time", max_new_tokens=20)          # -> continuation text
+    generate(model, None, [[1, 2, 3]], max_new_tokens=5)                 # ids in, ids out
+    for piece in generate(model, tok, "Hi", stream=True): print(piece, end="")
+
+The prompt is run once (prefill), then one token per step reads the cache; sliding-window layers keep
+only their window, so memory stays bounded on long generations. Positions follow the attention mask
+(`cumsum(mask) - 1`), so left padding does not shift a sequence. If the expert toggles change while a
+stream is being consumed, the cache is stale: the prefix is recomputed under the new toggles.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .errors import GenerationError, TokenizerError
+
+
+def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop: str | list[str] | None = None, stream: bool = False, eos_token_id=None):
+    """Continue a prompt (str, list of str, list of ids, list of id lists, or a (B, S) tensor).
+
+    Returns the continuation in the prompt's form: text for text, new token ids for ids. With
+    `stream=True`, an iterator of text pieces (of id lists when ids are given), batch size 1.
+    temperature 0 is greedy; > 0 samples (optionally restricted by top_k / top_p) from a generator
+    seeded with `seed`. Generation ends at an EOS token (the model's, the tokenizer's, or
+    `eos_token_id`) or a `stop` string; the text is cut before the stop string.
+    """
+    ids, mask, as_text, single = _encode(model, tokenizer, prompt_or_ids)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, tokenizer, stream)
+    eos = _eos_ids(model, tokenizer, eos_token_id)
+    sampler = Sampler(temperature, top_k, top_p, seed)
+    steps = decode(model, ids, mask, max_new_tokens, sampler, eos, _stop_check(tokenizer, stops))
+    if stream:
+        return _stream_text(steps, tokenizer, stops) if as_text else (t[0].item() for t in steps)
+    new = [[] for _ in range(ids.shape[0])]
+    finished = [False] * ids.shape[0]
+    for tokens in steps:
+        for b, t in enumerate(tokens.tolist()):
+            if not finished[b]:
+                new[b].append(t)
+                finished[b] = t in eos
+    if as_text:
+        out = [_cut(tokenizer.decode([t for t in seq if t not in eos]), stops) for seq in new]
+    else:
+        out = new
+    return out[0] if single else out
+
+
+class Sampler:
+    """Picks the next token from logits: argmax, or a seeded draw from the (top-k / top-p) softmax."""
+
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generator = None
+        if temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> next tokens (B,)."""
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / self.temperature
+        if self.top_k is not None:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= 1 - self.top_p  # the low tail holding at most 1 - top_p of the mass
+            drop[:, -1] = False  # always keep the most likely token
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1).to(logits.device)
+
+
+@torch.inference_mode()
+def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, sampler, eos: set,
+           stop_check=None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence (B,), step by step, until all are done.
+
+    Finished sequences keep receiving their last token (callers ignore what follows EOS).
+    """
+    B = ids.shape[0]
+    device = model.device
+    ids = ids.to(device)
+    mask = None if mask is None else mask.to(device)
+    seq, full_mask = ids, mask
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    cache, step_ids, position = None, ids, _positions(mask, ids)
+    last = None
+    for _ in range(max_new_tokens):
+        if cache is None or cache.toggle_key != model._toggle_key:  # first step, or toggles changed: (re)prefill
+            cache = model.new_cache()
+            step_ids, position = seq, _positions(full_mask, seq)
+        logits = model(step_ids, attention_mask=full_mask, position_ids=position, cache=cache,
+                       logits_to_keep=1).logits[:, -1]  # (B, V)
+        nxt = sampler(logits)
+        if last is not None:
+            nxt = torch.where(finished, last, nxt)
+        yield nxt
+        finished |= torch.tensor([t in eos for t in nxt.tolist()], device=device)
+        if stop_check is not None:
+            finished |= stop_check(seq[:, ids.shape[1]:], nxt)
+        if bool(finished.all()):
+            return
+        last = nxt
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        step_ids = nxt[:, None]
+        position = position[:, -1:] + 1
+        if full_mask is not None:
+            full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], dim=1)
+
+
+def _positions(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: cumsum(mask) - 1, pads at 0 (as transformers' generate)."""
+    if mask is None:
+        return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _encode(model, tokenizer, prompt):
+    """-> (ids (B, S), left-padding mask or None, prompt was text, prompt was a single item)."""
+    if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt)):
+        if tokenizer is None:
+            raise TokenizerError("a text prompt needs a tokenizer; pass token ids to generate without one")
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if any(t == "" for t in texts):
+            raise GenerationError("prompt is empty: there is no token to continue from")
+        seqs = [tokenizer.encode(t) for t in texts]
+        ids, mask = _pad(seqs, _pad_id(model, tokenizer))
+        return ids, mask, True, isinstance(prompt, str)
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 1:
+            prompt = prompt[None]
+        if prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
+            raise GenerationError(f"prompt ids: expected an integer tensor (batch, seq_len), got {prompt.dtype} "
+                                  f"of shape {tuple(prompt.shape)}")
+        if prompt.shape[1] == 0:
+            raise GenerationError("prompt is empty: there is no token to continue from")
+        return prompt.long(), None, False, False
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return torch.tensor([list(prompt)]), None, False, True
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(s, (list, tuple)) for s in prompt):
+        if not all(s and all(isinstance(t, int) and not isinstance(t, bool) for t in s) for s in prompt):
+            raise GenerationError("prompt ids: every sequence must be a non-empty list of ints")
+        ids, mask = _pad([list(s) for s in prompt], _pad_id(model, tokenizer))
+        return ids, mask, False, False
+    if isinstance(prompt, (list, tuple, str)) and not prompt:
+        raise GenerationError("prompt is empty: there is no token to continue from")
+    raise GenerationError(f"prompt: expected text, a list of texts, token ids or a (batch, seq_len) tensor, got "
+                          f"{type(prompt).__name__}")
+
+
+def _pad(seqs: list[list[int]], pad_id: int):
+    """Left-pad to a batch; the mask is None when nothing was padded."""
+    longest = max(len(s) for s in seqs)
+    if all(len(s) == longest for s in seqs):
+        return torch.tensor(seqs), None
+    ids = torch.tensor([[pad_id] * (longest - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+def _pad_id(model, tokenizer) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id,
+                      getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _eos_ids(model, tokenizer, eos_token_id) -> set:
+    if eos_token_id is not None:
+        return set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+    out = set()
+    for source in (getattr(model, "generation_eos", None), model.config.eos_token_id,
+                   getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            out.add(source)
+        elif isinstance(source, (list, tuple)):
+            out.update(source)
+    return out
+
+
+def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, tokenizer, stream):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens: must be a non-negative integer, got {max_new_tokens!r}")
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] > limit:
+        raise GenerationError(f"prompt: {ids.shape[1]} tokens is longer than the model's context of {limit}")
+    if ids.shape[1] + max_new_tokens > limit:
+        raise GenerationError(f"max_new_tokens: {ids.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed "
+                              f"the model's context of {limit} positions")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise GenerationError(f"temperature: must be >= 0 (0 = greedy), got {temperature!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise GenerationError("top_k/top_p: sampling filters need temperature > 0 (temperature 0 is greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise GenerationError(f"top_k: must be a positive integer, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise GenerationError(f"top_p: must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise GenerationError(f"seed: must be an integer, got {seed!r}")
+    if stops and (tokenizer is None or not all(isinstance(s, str) and s for s in stops)):
+        raise GenerationError("stop: stop strings must be non-empty strings and need a tokenizer")
+    if stream and ids.shape[0] != 1:
+        raise GenerationError(f"stream: streaming needs a single prompt, got a batch of {ids.shape[0]}")
+
+
+def _stop_check(tokenizer, stops):
+    if not stops:
+        return None
+
+    def check(new_ids: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        texts = [tokenizer.decode(row + [t]) for row, t in zip(new_ids.tolist(), nxt.tolist())]
+        return torch.tensor([any(s in text for s in stops) for text in texts], device=nxt.device)
+    return check
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """Text up to (not including) the first stop string."""
+    cut = min((text.index(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def _stream_text(steps, tokenizer, stops) -> Iterator[str]:
+    """Turn a stream of tokens into text pieces, holding back incomplete characters and stop strings."""
+    ids, sent = [], 0
+    eos = {tokenizer.eos_token_id}
+    for tokens in steps:
+        t = tokens[0].item()
+        if t in eos:
+            break
+        ids.append(t)
+        text = _cut(tokenizer.decode(ids), stops)
+        hold = max((len(s) - 1 for s in stops), default=0)  # a stop string may still be forming
+        ready = len(text) - hold if not any(s in tokenizer.decode(ids) for s in stops) else len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+            ready = min(ready, len(text) - 1)
+        if ready > sent:
+            yield text[sent:ready]
+            sent = ready
+    text = _cut(tokenizer.decode(ids), stops)
+    if len(text) > sent:
+        yield text[sent:]
