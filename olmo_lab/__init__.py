@@ -17,5 +17,6 @@ from .compare import compare_with_transformers
 from .experts import experts_off
 from .generate import generate
 from .model import OlmoModel
+from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"

@@ -17,15 +17,16 @@ import re
 import tempfile
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from . import hub
 from .config import RELEASED_7X7B_EXPERTS, OlmoConfig
-from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, ExpertError, HubError,
+from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, ExpertError,
                      MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError)
 from .experts import resolve_experts
 from .model import OlmoModel
+from .safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,18 +50,10 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise CheckpointError(f"checkpoint: {path!r} is not a directory (and not a hub repo id like 'allenai/Olmo-3-1025-7B')")
-    try:
-        from huggingface_hub import snapshot_download
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        return snapshot_download(path, revision=revision, allow_patterns=patterns or CHECKPOINT_FILES,
-                                 local_files_only=offline)
-    except Exception as e:  # huggingface_hub raises many types; report one clear error
-        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if os.environ.get("HF_HUB_OFFLINE") \
-            else f"{type(e).__name__}: {e}"
-        raise HubError(f"cannot resolve hub repo {path!r}: {why}. Pass a local directory instead, or allow "
-                       f"network access to the hub") from None
+    if os.path.exists(path) or not hub.looks_like_repo_id(path) or "/" not in path:
+        raise CheckpointError(f"checkpoint: {path!r} is not a directory (and not a hub repo id like "
+                              f"'allenai/Olmo-3-1025-7B')")
+    return str(hub.snapshot(path, revision, patterns or CHECKPOINT_FILES, "checkpoint"))
 
 
 def default_expert_names(repo_id: str, num_experts: int) -> list[str] | None:
@@ -111,11 +104,9 @@ def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
     if os.path.isfile(single):
         if os.path.dirname(os.path.realpath(single)) != real_dir:
             raise UnsafeCheckpointError(f"{SINGLE_FILE} is a link to a file outside the checkpoint directory")
-        try:
-            with safe_open(single, framework="pt") as f:
-                return {name: single for name in f.keys()}, [single]
-        except (SafetensorError, OSError) as e:
-            raise CorruptCheckpointError(f"{SINGLE_FILE}: not a readable safetensors file ({e})") from None
+        f = SafetensorsFile(single)
+        f.close()
+        return {name: single for name in f.keys()}, [single]
     pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise UnsafeCheckpointError(f"refusing to load pickle-based weights {pickles}: they can execute code. "
@@ -161,10 +152,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     readers = {}
     try:
         for path in files:
-            try:
-                readers[path] = safe_open(path, framework="pt", device="cpu").__enter__()
-            except (SafetensorError, OSError) as e:
-                raise CorruptCheckpointError(f"{os.path.basename(path)}: not a readable safetensors file ({e})") from None
+            readers[path] = SafetensorsFile(path)
         plan = _plan(config, keep, locations, expected)
         if target is None:
             target = DTYPES.get(config.dtype) or _stored_dtype(readers, plan)
@@ -177,7 +165,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
             del tensor
     finally:
         for reader in readers.values():
-            reader.__exit__(None, None, None)
+            reader.close()
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -208,12 +196,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _stored_dtype(readers, plan) -> torch.dtype:
-    """The floating dtype most of the checkpoint is stored in."""
+    """The floating dtype the checkpoint's first weight is stored in."""
     name = next(iter(plan))
     for reader in readers.values():
-        if name in reader.keys():
-            dt = reader.get_slice(name).get_dtype()
-            return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dt, torch.float32)
+        if name in reader.keys() and reader.dtype(name).is_floating_point:
+            return reader.dtype(name)
     return torch.float32
 
 
@@ -231,12 +218,12 @@ def _plan(config: OlmoConfig, keep: list[int] | None, locations: dict[str, str],
         path = locations[name]
 
         def reader(readers):
-            try:
-                if index is None:
-                    return readers[path].get_tensor(name)
-                return _slice(readers[path], name, index)
-            except SafetensorError as e:
-                raise CorruptCheckpointError(f"tensor {name!r} in {os.path.basename(path)} cannot be read ({e})") from None
+            f = readers[path]
+            if name not in f.keys():
+                raise CorruptCheckpointError(f"{INDEX_FILE}: tensor {name!r} is not in {os.path.basename(path)}")
+            if index is None:
+                return f.read(name)
+            return f.read(name, [index])[0] if isinstance(index, int) else f.read(name, index)
         return reader
 
     experts = keep if keep is not None else list(range(config.num_experts))
@@ -281,16 +268,6 @@ def _plan(config: OlmoConfig, keep: list[int] | None, locations: dict[str, str],
 def _is_unkept_expert(name: str, keep: list[int]) -> bool:
     m = FUSED.fullmatch(name)
     return bool(m) and int(m.group(2)) not in keep
-
-
-def _slice(reader, name, index):
-    """Rows `index` (an int or a list of ints) of a tensor, read without loading the rest."""
-    sl = reader.get_slice(name)
-    if isinstance(index, int):
-        if not 0 <= index < sl.get_shape()[0]:
-            raise ShapeMismatchError(f"tensor {name!r} has {sl.get_shape()[0]} experts; expert {index} is not there")
-        return sl[index:index + 1][0]
-    return torch.cat([sl[i:i + 1] for i in index], dim=0)
 
 
 def _fused_reader(read_expert, half):

@@ -34,7 +34,7 @@ def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperat
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, tokenizer, stream)
     eos = _eos_ids(model, tokenizer, eos_token_id)
-    sampler = Sampler(temperature, top_k, top_p, seed)
+    sampler = Sampler(temperature, top_k, top_p, seed, _vocab_limit(model, tokenizer))
     steps = decode(model, ids, mask, max_new_tokens, sampler, eos, _stop_check(tokenizer, stops))
     if stream:
         return _stream_text(steps, tokenizer, stops) if as_text else (t[0].item() for t in steps)
@@ -55,8 +55,9 @@ def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperat
 class Sampler:
     """Picks the next token from logits: argmax, or a seeded draw from the (top-k / top-p) softmax."""
 
-    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                 vocab_limit: int | None = None):
+        self.temperature, self.top_k, self.top_p, self.vocab_limit = temperature, top_k, top_p, vocab_limit
         self.generator = None
         if temperature > 0:
             self.generator = torch.Generator()
@@ -64,6 +65,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> next tokens (B,)."""
+        if self.vocab_limit is not None:  # padded embedding rows the tokenizer cannot decode
+            logits = logits[:, :self.vocab_limit]
         if self.temperature == 0:
             return logits.argmax(dim=-1)
         logits = logits.float() / self.temperature
@@ -166,6 +169,14 @@ def _pad(seqs: list[list[int]], pad_id: int):
     ids = torch.tensor([[pad_id] * (longest - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in seqs])
     return ids, mask
+
+
+def _vocab_limit(model, tokenizer) -> int | None:
+    """Models may have more embedding rows than the tokenizer has tokens (FlexOlmo: 100352 vs 100278).
+    Those padding ids are never produced by the tokenizer and cannot be decoded, so text generation
+    never picks them."""
+    size = getattr(tokenizer, "vocab_size", None)
+    return size if isinstance(size, int) and size < model.config.vocab_size else None
 
 
 def _pad_id(model, tokenizer) -> int:

@@ -29,7 +29,8 @@ import tokenizers
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import HubError, TokenizerError
+from . import hub
+from .errors import TokenizerError
 
 # The files a hub snapshot needs for a tokenizer; everything else (weights) is left on the hub.
 TOKENIZER_FILES = [
@@ -72,9 +73,6 @@ class Tokenizer:
         # Ids may have gaps, so the embedding table must cover the largest id, not just vocab_size rows.
         self.max_token_id: int = max(backend.get_vocab(with_added_tokens=True).values())
 
-        # Unset tokens fall back to the dolma2 / GPT-style names when the vocabulary has them.
-        eos_token = eos_token if eos_token is not None else self._if_known("<|endoftext|>")
-        pad_token = pad_token if pad_token is not None else self._if_known("<|pad|>")
         self.eos_token: str | None = eos_token
         self.pad_token: str | None = pad_token
         self.bos_token: str | None = bos_token
@@ -87,9 +85,6 @@ class Tokenizer:
         # (instruct checkpoints also stop at `<|im_end|>`).
         stops = [self.eos_token_id] if self.eos_token_id is not None else []
         self.stop_token_ids: tuple[int, ...] = tuple(dict.fromkeys(stops + [int(i) for i in stop_token_ids]))
-
-    def _if_known(self, token: str) -> str | None:
-        return token if self.backend.token_to_id(token) is not None else None
 
     def _token_id(self, token: str | None, role: str) -> int | None:
         if token is None:
@@ -196,6 +191,30 @@ class Tokenizer:
                 f"{self.source}: the tokenizer needs {needed} embedding rows (ids 0..{self.max_token_id}) "
                 f"but the model's vocab_size is {model_vocab_size}; this tokenizer does not belong to this model")
 
+    # ------------------------------------------------------------------------------------- saving
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` into `directory`.
+
+        `load_tokenizer` and transformers' `AutoTokenizer` both load the result. The config names
+        `PreTrainedTokenizerFast`, so transformers runs `tokenizer.json` as-is: with "GPT2Tokenizer"
+        transformers 5 swaps in GPT-2's pre-tokenizer regex, which splits code into other ids.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "eos_token": self.eos_token, "pad_token": self.pad_token, "bos_token": self.bos_token}
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        template_file = directory / "chat_template.jinja"
+        if self.chat_template is not None:
+            template_file.write_text(self.chat_template, encoding="utf-8")
+        elif template_file.exists():  # a stale template from an earlier save would be loaded back
+            template_file.unlink()
+        return str(directory)
+
     # ------------------------------------------------------------------------------ chat template
 
     def apply_chat_template(
@@ -290,7 +309,7 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         return _load_files(path, path.parent if path.name == "tokenizer.json" else None)
     if path.is_dir():
         return _load_files(path / "tokenizer.json", path)
-    if _looks_like_repo_id(str(path_or_repo_id)):
+    if hub.looks_like_repo_id(str(path_or_repo_id)):
         return _load_files(*_from_hub(str(path_or_repo_id), revision))
     raise TokenizerError(f"{path_or_repo_id}: no such file or directory (and not a hub repo id like 'owner/name')")
 
@@ -300,38 +319,10 @@ def check_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
     tokenizer.check_model_vocab(vocab_size)
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    """True for `name` or `owner/name`; local-looking paths ("./x", "/x", "x.json") are not repo ids."""
-    parts = name.split("/")
-    return (len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
-            and not name.endswith(".json") and "\\" not in name)
-
-
 def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, Path]:
     """Download (or find in the local hub cache) the tokenizer files of `repo_id`."""
-    import huggingface_hub  # imported here: only hub ids need it
-    from huggingface_hub import constants
-
-    # huggingface_hub reads HF_HUB_OFFLINE and the cache location once, at import; read them now
-    # instead, so setting them in a running notebook takes effect.
-    offline = constants.HF_HUB_OFFLINE or _env_flag("HF_HUB_OFFLINE")
-    cache_dir = os.environ.get("HF_HUB_CACHE") or (
-        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
-    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    try:
-        snapshot = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=TOKENIZER_FILES,
-            cache_dir=cache_dir, local_files_only=offline)
-    # huggingface_hub raises from several hierarchies (OSError subclasses for HTTP and cache misses,
-    # ValueError for bad ids, httpx errors for proxies); all mean "could not get the files".
-    except Exception as err:  # noqa: BLE001 -- turned into one clear HubError
-        if offline:
-            reason = "HF_HUB_OFFLINE is set and the repo is not in the local hub cache"
-        else:
-            reason = f"the hub is unreachable or the repo does not exist ({type(err).__name__}: {_first_line(err)})"
-        raise HubError(f"cannot load the tokenizer of hub repo {where}: {reason}. "
-                       "Pass a local checkpoint directory or tokenizer.json path instead.") from None
-    return Path(snapshot) / "tokenizer.json", Path(snapshot)
+    snap = hub.snapshot(repo_id, revision, TOKENIZER_FILES, "tokenizer")
+    return snap / "tokenizer.json", snap
 
 
 def _load_files(tokenizer_json: Path, directory: Path | None) -> Tokenizer:
@@ -353,10 +344,14 @@ def _load_files(tokenizer_json: Path, directory: Path | None) -> Tokenizer:
 
     max_length = config.get("model_max_length")
     model_max_length = int(max_length) if isinstance(max_length, (int, float)) and max_length < _NO_MAX_LENGTH else None
+    # Tokens the configs do not mention (a bare tokenizer.json) fall back to the dolma2 / GPT-style
+    # names when the vocabulary has them; an explicit null means "none".
+    eos_default = "<|endoftext|>" if backend.token_to_id("<|endoftext|>") is not None else None
+    pad_default = "<|pad|>" if backend.token_to_id("<|pad|>") is not None else None
     return Tokenizer(
         backend,
-        eos_token=_token_content(specials.get("eos_token"), "eos_token", directory),
-        pad_token=_token_content(specials.get("pad_token"), "pad_token", directory),
+        eos_token=_token_content(specials.get("eos_token", eos_default), "eos_token", directory),
+        pad_token=_token_content(specials.get("pad_token", pad_default), "pad_token", directory),
         bos_token=_token_content(specials.get("bos_token"), "bos_token", directory),
         chat_template=chat_template,
         model_max_length=model_max_length,
@@ -404,10 +399,6 @@ def _ids(value: object) -> list[int]:
     if isinstance(value, list):
         return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
     return []
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _first_line(err: BaseException) -> str:

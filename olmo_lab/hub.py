@@ -1,0 +1,47 @@
+"""Resolving Hugging Face hub repo ids to local files, offline-aware, with one clear error.
+
+Only the files asked for are fetched. huggingface_hub reads HF_HUB_OFFLINE and the cache location
+once, at import; they are read again here at call time, so setting them in a running notebook works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import HubError
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """True for `name` or `owner/name`; local-looking paths ("./x", "/x", "x.json") are not repo ids."""
+    parts = name.split("/")
+    return (len(parts) <= 2 and all(parts) and not name.startswith((".", "~", "/"))
+            and not name.endswith(".json") and "\\" not in name)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str) -> Path:
+    """Download (or find in the local hub cache) the files of `repo_id` matching `patterns`."""
+    import huggingface_hub  # imported here: only hub ids need it
+    from huggingface_hub import constants
+
+    is_offline = constants.HF_HUB_OFFLINE or offline()
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                                      cache_dir=cache_dir, local_files_only=is_offline))
+    # huggingface_hub raises from several hierarchies (OSError subclasses for HTTP and cache misses,
+    # ValueError for bad ids, httpx errors for proxies); all mean "could not get the files".
+    except Exception as err:  # noqa: BLE001 -- turned into one clear HubError
+        if is_offline:
+            reason = "HF_HUB_OFFLINE is set and the repo is not in the local hub cache"
+        else:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            reason = f"the hub is unreachable or the repo does not exist ({type(err).__name__}: {first})"
+        raise HubError(f"cannot load the {what} of hub repo {where}: {reason}. "
+                       "Pass a local checkpoint directory instead.") from None
