@@ -83,7 +83,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(kv_dim, config.rms_norm_eps)
         self.backend = "sdpa"  # or "eager"
-        self.weights_hook: Callable[[int, torch.Tensor], None] | None = None  # set by olmo_lab.trace
+        # Set by olmo_lab.trace: called with (layer, probs (B, nh, S, kv_len), cache index of the first key).
+        self.weights_hook: Callable[[int, torch.Tensor, int], None] | None = None
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache=None) -> torch.Tensor:
@@ -98,7 +99,7 @@ class Attention(nn.Module):
         if self.backend == "eager" or self.weights_hook is not None:
             out, probs = self._explicit(q, k, v, mask.allowed)
             if self.weights_hook is not None:
-                self.weights_hook(self.layer_idx, probs)
+                self.weights_hook(self.layer_idx, probs, mask.kv_start)
         else:
             out = self._sdpa(q, k, v, mask.allowed)
         out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # (B, S, nh*hd)

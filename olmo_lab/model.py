@@ -46,13 +46,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layer_idx = layer_idx
-        self.residual_hook: Callable[[int, torch.Tensor], None] | None = None  # set by olmo_lab.trace
+        # Set by olmo_lab.trace; called with the block's named intermediate tensors. None: no cost.
+        self.hook: Callable[[int, dict[str, torch.Tensor]], None] | None = None
 
     def forward(self, x, cos_sin, mask, cache=None):
-        h = x + self.post_attention_layernorm(self.self_attn(x, cos_sin, mask, cache))
-        y = h + self.post_feedforward_layernorm(self.mlp(h))
-        if self.residual_hook is not None:
-            self.residual_hook(self.layer_idx, y)
+        attn_out = self.post_attention_layernorm(self.self_attn(x, cos_sin, mask, cache))
+        h = x + attn_out
+        ffn_raw = self.mlp(h)
+        ffn_out = self.post_feedforward_layernorm(ffn_raw)
+        y = h + ffn_out
+        if self.hook is not None:
+            self.hook(self.layer_idx, {"resid_pre": x, "attn_out": attn_out, "resid_mid": h, "ffn_raw": ffn_raw,
+                                       "ffn_out": ffn_out, "resid_post": y})
         return y
 
 

@@ -44,7 +44,8 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(H, config.intermediate_size) for _ in range(E))
         self.opted_out: frozenset[int] = frozenset()  # removed before the softmax
         self.dropped: frozenset[int] = frozenset()  # routed as usual, output zeroed
-        self.routing_hook: Callable[[int, Routing, torch.Tensor | None], None] | None = None  # olmo_lab.trace
+        # Set by olmo_lab.trace: called with (layer, routing, {expert: (token rows, unweighted output)}).
+        self.routing_hook: Callable[[int, Routing, dict], None] | None = None
         self.layer_idx = -1
 
     @property
