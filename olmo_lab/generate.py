@@ -191,8 +191,7 @@ def _eos_ids(model, tokenizer, eos_token_id) -> set:
     if eos_token_id is not None:
         return set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
     out = set()
-    for source in (getattr(model, "generation_eos", None), model.config.eos_token_id,
-                   getattr(tokenizer, "eos_token_id", None)):
+    for source in (model.config.eos_token_id, getattr(tokenizer, "stop_token_ids", None)):
         if isinstance(source, int):
             out.add(source)
         elif isinstance(source, (list, tuple)):

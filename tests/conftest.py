@@ -3,6 +3,7 @@ import sys
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", message=".*rope.*", category=UserWarning)

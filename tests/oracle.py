@@ -61,3 +61,22 @@ def max_diff(a, b, mask=None):
     if mask is not None:
         d = d[mask.bool()]
     return d.max().item()
+
+
+def char_tokenizer(directory):
+    """A character-level tokenizer with ids < 103 (fits the tiny models' 128-row vocabularies)."""
+    import json
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = ["<|endoftext|>", "<|pad|>", "<unk>"] + list(string.printable)
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<|endoftext|>", "<|pad|>"])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                                  "pad_token": "<|pad|>"}))
+    return directory

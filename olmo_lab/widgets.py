@@ -1,0 +1,274 @@
+"""Interactive views for notebooks: the expert switchboard and the attention explorer (ipywidgets).
+
+The logic lives in plain-Python state objects (`SwitchboardState`, `AttentionExplorerState`) whose
+`update()` tests call directly; the widget classes only wire controls to them. Every refresh prints a
+short deterministic text summary, so a notebook that drives a widget from code
+(`board.checkboxes["math"].value = False`, `board.button.click()`) is checked by nbval too.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import matplotlib.pyplot as plt
+import torch
+
+from .errors import OlmoLabError
+from .experts import experts_off
+from .generate import generate
+from .plots import attention_heatmap, kl_divergence, next_token_comparison, routing_heatmap
+from .trace import trace
+
+
+# ---------------------------------------------------------------------------------------- switchboard
+@dataclass
+class SwitchboardView:
+    """What the switchboard shows after an update."""
+
+    message: str = ""  # non-empty when the input was rejected (nothing else is filled then)
+    baseline: list[int] = field(default_factory=list)  # greedy continuation with every expert on
+    toggled: list[int] = field(default_factory=list)  # greedy continuation with the current toggles
+    changed: list[int] = field(default_factory=list)  # positions where the two differ
+    before: torch.Tensor | None = None  # next-token distribution, all experts (V,)
+    after: torch.Tensor | None = None  # next-token distribution, current toggles (V,)
+    kl: float = 0.0
+    routing: dict = field(default_factory=dict)  # layer -> RoutingRecord of prompt + continuation
+
+
+class SwitchboardState:
+    """Expert toggles, a prompt, and the comparison of the toggled model with the all-experts model."""
+
+    def __init__(self, model, tokenizer, prompt: str = "", max_new_tokens: int = 16, mode: str = "opt_out"):
+        self.model, self.tokenizer = model, tokenizer
+        self.names = model.experts.names
+        self.on = {name: True for name in self.names}
+        self.prompt, self.max_new_tokens, self.mode = prompt, max_new_tokens, mode
+        self.view = SwitchboardView()
+        self._baseline_for = None  # (prompt, max_new_tokens) the cached baseline belongs to
+
+    def set_expert(self, name: str, on: bool) -> None:
+        if name not in self.on:
+            raise KeyError(f"unknown expert {name!r}; experts are {self.names}")
+        self.on[name] = bool(on)
+
+    @property
+    def off(self) -> list[str]:
+        return [n for n in self.names if not self.on[n]]
+
+    @torch.inference_mode()
+    def update(self) -> SwitchboardView:
+        """Recompute the view; bad input (empty prompt, every expert off) gives a message instead."""
+        if not self.prompt.strip():
+            self.view = SwitchboardView(message="Enter a prompt first.")
+            return self.view
+        if not any(self.on.values()):
+            self.view = SwitchboardView(message="At least one expert must stay on: tick one to continue.")
+            return self.view
+        ids = torch.tensor([self.tokenizer.encode(self.prompt)])
+        if self._baseline_for != (self.prompt, self.max_new_tokens):
+            self._baseline = (self._continue(ids), self._next_token(ids))
+            self._baseline_for = (self.prompt, self.max_new_tokens)
+        baseline, before = self._baseline
+        try:
+            with experts_off(self.model, self.off, mode=self.mode) if self.off else nullcontext():
+                with trace(self.model, attention=False, routing=True, tokenizer=self.tokenizer) as tr:
+                    toggled = self._continue(ids)
+                after = self._next_token(ids)
+        except OlmoLabError as e:
+            self.view = SwitchboardView(message=str(e))
+            return self.view
+        changed = [i for i, (a, b) in enumerate(zip(baseline, toggled)) if a != b]
+        changed += list(range(min(len(baseline), len(toggled)), max(len(baseline), len(toggled))))
+        self.view = SwitchboardView("", baseline, toggled, changed, before, after, kl_divergence(before, after),
+                                    tr.routing)
+        return self.view
+
+    def _continue(self, ids: torch.Tensor) -> list[int]:
+        return generate(self.model, self.tokenizer, ids[0].tolist(), max_new_tokens=self.max_new_tokens)
+
+    def _next_token(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(ids, logits_to_keep=1).logits[0, -1].float()
+        return logits[:len(self.tokenizer)].softmax(-1)
+
+    def summary(self) -> str:
+        v = self.view
+        if v.message:
+            return v.message
+        off = ", ".join(self.off) or "none"
+        decode = self.tokenizer.decode
+        labels = lambda ids: self.tokenizer.token_strings(ids)  # noqa: E731
+        b_top, a_top = int(v.before.argmax()), int(v.after.argmax())
+        lines = [f"experts off ({self.mode}): {off}",
+                 f"all experts : {decode(v.baseline)!r}",
+                 f"with toggles: {decode(v.toggled)!r}",
+                 f"changed tokens: {len(v.changed)} of {max(len(v.baseline), len(v.toggled))}"
+                 + (f" (first at {v.changed[0]})" if v.changed else ""),
+                 f"next token: {labels([b_top])[0]!r} {v.before[b_top]:.2f} -> {labels([a_top])[0]!r} "
+                 f"{v.after[a_top]:.2f}; KL {v.kl:.3f} nats"]
+        if v.routing:
+            mid = sorted(v.routing)[len(v.routing) // 2]
+            counts = torch.bincount(v.routing[mid].topk_indices[:, 0], minlength=len(self.names)).tolist()
+            lines.append(f"top expert per token, layer {mid}: "
+                         + ", ".join(f"{n} {c}" for n, c in zip(self.names, counts)))
+        return "\n".join(lines)
+
+
+class ExpertSwitchboard:
+    """A checkbox per expert, a prompt box and a generate button; shows what switching experts changes."""
+
+    def __init__(self, model, tokenizer, prompt: str = "", max_new_tokens: int = 16, echo: bool = True):
+        import ipywidgets as w
+
+        self.state = SwitchboardState(model, tokenizer, prompt, max_new_tokens)
+        self.echo = echo
+        self.checkboxes = {n: w.Checkbox(value=True, description=n, indent=False) for n in self.state.names}
+        self.mode = w.ToggleButtons(options=[("opt-out", "opt_out"), ("drop after routing", "drop")],
+                                    value="opt_out", description="mode")
+        self.prompt = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%"))
+        self.button = w.Button(description="generate", button_style="primary")
+        self.text = w.HTML()
+        self.out = w.Output()
+        for name, box in self.checkboxes.items():
+            box.observe(lambda change, name=name: self._toggle(name, change["new"]), names="value")
+        self.mode.observe(lambda change: self._set_mode(change["new"]), names="value")
+        self.button.on_click(lambda _button: self.refresh())
+        self.widget = w.VBox([w.HBox(list(self.checkboxes.values())), self.mode, self.prompt, self.button,
+                              self.text, self.out])
+        self.widget.add_class("olmo-lab-switchboard")
+
+    def _toggle(self, name, on):
+        self.state.set_expert(name, on)
+        self.refresh()
+
+    def _set_mode(self, mode):
+        self.state.mode = mode
+        self.refresh()
+
+    def refresh(self) -> str:
+        """Read the prompt, update the state, redraw, and print (return) the text summary."""
+        from IPython.display import display
+
+        self.state.prompt = self.prompt.value
+        view = self.state.update()
+        summary = self.state.summary()
+        self.text.value = f"<pre class='olmo-lab-summary'>{_escape(summary)}</pre>"
+        if _in_kernel():  # pictures only where a front end can show them
+            with self.out:
+                self.out.clear_output(wait=True)
+                if not view.message:
+                    labels = self.state.tokenizer.token_strings(list(range(len(view.before))))
+                    for fig in (next_token_comparison(view.before, view.after, labels, top=8),
+                                routing_heatmap(view.routing, self.state.names)):
+                        display(fig)
+                        plt.close(fig)
+        if self.echo:
+            print(summary)
+        return summary
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+# ---------------------------------------------------------------------------------------- attention explorer
+class AttentionExplorerState:
+    """A traced prompt and a (layer, head, query token) selection."""
+
+    def __init__(self, model, tokenizer, prompt: str):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt: the attention explorer needs a non-empty prompt")
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        with trace(model, attention=True, routing=False, tokenizer=tokenizer) as tr:
+            with torch.inference_mode():
+                model(torch.tensor([tokenizer.encode(prompt)]))
+        self.trace = tr
+        self.tokens = tr.tokens
+        self.attention = tr.attention
+        self.layer, self.head, self.query = 0, 0, len(self.tokens) - 1
+
+    def select(self, layer: int | None = None, head: int | None = None, query: int | None = None) -> None:
+        cfg = self.model.config
+        for name, value, limit in (("layer", layer, cfg.num_hidden_layers), ("head", head, cfg.num_attention_heads),
+                                   ("query", query, len(self.tokens))):
+            if value is not None:
+                if not 0 <= value < limit:
+                    raise ValueError(f"{name}: {value} is out of range (0..{limit - 1})")
+                setattr(self, name, value)
+
+    def update(self):
+        """-> (figure, summary) for the current selection."""
+        probs = self.attention[self.layer][0, self.head]
+        window = self.model.config.window(self.layer)
+        kind = f"sliding window {window}" if window else "full attention"
+        fig = attention_heatmap(probs, self.tokens, window,
+                                title=f"layer {self.layer}, head {self.head} ({kind})")
+        return fig, self.summary()
+
+    def summary(self) -> str:
+        probs = self.attention[self.layer][0, self.head]
+        row = probs[self.query]
+        top = torch.topk(row, min(3, self.query + 1))
+        window = self.model.config.window(self.layer)
+        seen = f"sees keys {max(0, self.query - window + 1)}..{self.query}" if window else f"sees keys 0..{self.query}"
+        keys = ", ".join(f"{self.tokens[k]!r} {p:.2f}" for p, k in zip(top.values.tolist(), top.indices.tolist()))
+        return (f"layer {self.layer} head {self.head} (kv head {self.trace.kv_heads()[self.head]}), query "
+                f"{self.query} {self.tokens[self.query]!r} {seen}; top keys: {keys}")
+
+
+class AttentionExplorer:
+    """Layer, head and query-token selectors over a traced prompt, with the heatmap."""
+
+    def __init__(self, model, tokenizer, prompt: str, echo: bool = True):
+        import ipywidgets as w
+
+        self.state = AttentionExplorerState(model, tokenizer, prompt)
+        self.echo = echo
+        cfg = model.config
+        self.layer = w.Dropdown(options=[(f"{i} ({'sliding' if cfg.window(i) else 'full'})", i)
+                                         for i in range(cfg.num_hidden_layers)], value=0, description="layer")
+        self.head = w.Dropdown(options=list(range(cfg.num_attention_heads)), value=0, description="head")
+        self.query = w.Dropdown(options=[(f"{i}: {t!r}", i) for i, t in enumerate(self.state.tokens)],
+                                value=self.state.query, description="query")
+        self.text = w.HTML()
+        self.out = w.Output()
+        for control in (self.layer, self.head, self.query):
+            control.observe(lambda _change: self.refresh(), names="value")
+        self.widget = w.VBox([w.HBox([self.layer, self.head, self.query]), self.text, self.out])
+        self.widget.add_class("olmo-lab-attention")
+
+    def refresh(self) -> str:
+        from IPython.display import display
+
+        self.state.select(self.layer.value, self.head.value, self.query.value)
+        fig, summary = self.state.update()
+        self.text.value = f"<pre class='olmo-lab-summary'>{_escape(summary)}</pre>"
+        if _in_kernel():
+            with self.out:
+                self.out.clear_output(wait=True)
+                display(fig)
+        plt.close(fig)
+        if self.echo:
+            print(summary)
+        return summary
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (where an Output widget can hold figures)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
