@@ -1,0 +1,246 @@
+"""olmo-lab against transformers on the same weights, in the same process: speed, memory, tracing cost.
+
+    python benchmarks/run.py            # full run, writes benchmarks/RESULTS.md and results.json
+    python benchmarks/run.py --quick    # smaller models and fewer repeats (a smoke test)
+    python benchmarks/run.py --device cuda
+
+Every figure is a median over repeats and is reported as a ratio to transformers measured in the same
+run, because absolute times on shared machines drift. Decode speed is also reported as a fraction of
+the weight-streaming bound: decoding one token reads every active weight once, so one pass of
+matrix-vector products over the same weights is as fast as decoding can possibly be.
+Not part of the unit tests: timings are measured here, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import olmo_lab
+from olmo_lab.config import OlmoConfig
+from olmo_lab.model import OlmoModel
+from olmo_lab.trace import trace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+MODELS = {  # name: (config, expert subset used for the memory figure)
+    "olmo3-150M": dict(model_type="olmo3", vocab_size=50304, hidden_size=768, intermediate_size=2048,
+                       num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, sliding_window=256,
+                       max_position_embeddings=4096),
+    "flexolmo-160M-top2": dict(model_type="flex_olmo", vocab_size=50304, hidden_size=512, intermediate_size=1024,
+                               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, num_experts=8,
+                               num_experts_per_tok=2, max_position_embeddings=4096),
+}
+QUICK = {"hidden_size": 384, "intermediate_size": 512, "num_hidden_layers": 4, "vocab_size": 8192}
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_checkpoint(name: str, overrides: dict, directory: str) -> str:
+    cfg = OlmoConfig(**{**MODELS[name], **overrides, "eos_token_id": 0, "pad_token_id": 1})
+    torch.manual_seed(0)
+    model = OlmoModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    path = os.path.join(directory, name)
+    olmo_lab.save_model(model, path)
+    return path
+
+
+def hf_load(path, dtype, device):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+@torch.inference_mode()
+def weight_streaming_bound(model, repeats) -> float:
+    """Seconds for one matrix-vector pass over the weights a decode step reads (the active experts only)."""
+    cfg = model.config
+    mats = []
+    for block in model.model.layers:
+        a = block.self_attn
+        mats += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
+        experts = [block.mlp] if not cfg.is_moe else list(block.mlp.experts)[:cfg.num_experts_per_tok]
+        if cfg.is_moe:
+            mats.append(block.mlp.gate.weight)
+        for e in experts:
+            mats += [e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight]
+    mats.append(model.lm_head.weight)
+    vecs = {m.shape[1]: torch.randn(m.shape[1], dtype=m.dtype, device=m.device) for m in mats}
+    return median_time(lambda: [m @ vecs[m.shape[1]] for m in mats], repeats, warmup=2)
+
+
+def decode_speed(model, hf, batch, prompt_len, new_tokens, repeats, device):
+    ids = torch.randint(2, model.config.vocab_size, (batch, prompt_len), device=device)
+    ours = median_time(lambda: olmo_lab.generate(model, None, ids, max_new_tokens=new_tokens, eos_token_id=[]),
+                       repeats)
+    theirs = median_time(lambda: hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                             do_sample=False, eos_token_id=None, pad_token_id=1), repeats)
+    return batch * new_tokens / ours, batch * new_tokens / theirs
+
+
+@torch.inference_mode()
+def prefill_speed(model, hf, length, repeats, device):
+    ids = torch.randint(2, model.config.vocab_size, (1, length), device=device)
+    ours = median_time(lambda: model(ids, logits_to_keep=1), repeats)
+    theirs = median_time(lambda: hf(ids, logits_to_keep=1), repeats)
+    return length / ours, length / theirs
+
+
+PROBE = r"""
+import json, sys, time, torch
+def rss(f):
+    for line in open("/proc/self/status"):
+        if line.startswith(f): return int(line.split()[1]) * 1024
+which, path, experts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+import olmo_lab
+if which == "transformers":  # warm up on the meta device so only the load itself is measured
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+else:
+    with torch.device("meta"):
+        olmo_lab.OlmoModel(olmo_lab.OlmoConfig.from_json(path))
+open("/proc/self/clear_refs", "w").write("5")
+before = rss("VmRSS:")
+start = time.perf_counter()
+if which == "transformers":
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+else:
+    model = olmo_lab.load_model(path, experts=experts)
+print(json.dumps({"seconds": time.perf_counter() - start, "peak": rss("VmHWM:") - before}))
+"""
+
+
+def load_probe(which, path, experts=None) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, which, path, json.dumps(experts)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@torch.inference_mode()
+def tracing_overhead(model, repeats, device):
+    """Prefill time with each kind of capture, relative to no tracing."""
+    ids = torch.randint(2, model.config.vocab_size, (1, 256), device=device)
+    base = median_time(lambda: model(ids, logits_to_keep=1), repeats)
+
+    def traced(**kw):
+        def run():
+            with trace(model, **kw):
+                model(ids, logits_to_keep=1)
+        return median_time(run, repeats) / base - 1
+
+    out = {"tracing off (no hooks)": 0.0,
+           "attention, one layer": traced(attention=True, routing=False, layers=[0]),
+           "attention, all layers": traced(attention=True, routing=False)}
+    if model.config.is_moe:
+        out["routing capture"] = traced(attention=False, routing=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small models, few repeats (smoke test)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=HERE)
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    new_tokens = 16 if args.quick else 128
+    overrides = QUICK if args.quick else {}
+    device = torch.device(args.device)
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "date": datetime.date.today().isoformat(), "quick": args.quick, "models": {}}
+    import transformers
+    results["transformers"] = transformers.__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODELS:
+            path = make_checkpoint(name, overrides, tmp)
+            r = results["models"][name] = {}
+            model = olmo_lab.load_model(path).to(device)
+            hf = hf_load(path, torch.float32, device)
+            r["parameters"] = model.num_parameters()
+            r["weight_bytes"] = olmo_lab.checkpoint.checkpoint_size(path)
+            bound = weight_streaming_bound(model, repeats * 3)
+            for batch in (1, 8):
+                ours, theirs = decode_speed(model, hf, batch, 32, new_tokens, repeats, device)
+                r[f"decode b{batch} fp32 tok/s"] = [ours, theirs]
+                if batch == 1:
+                    r["decode b1 fraction of weight-streaming bound"] = ours * bound
+            r["prefill 512 fp32 tok/s"] = list(prefill_speed(model, hf, 512, repeats, device))
+            if model.config.is_moe:
+                all_cfg = {**overrides, "num_experts_per_tok": MODELS[name]["num_experts"]}
+                path_all = make_checkpoint(name, all_cfg, os.path.join(tmp, "all"))
+                m_all, hf_all = olmo_lab.load_model(path_all).to(device), hf_load(path_all, torch.float32, device)
+                r["top-all decode b1 fp32 tok/s"] = list(decode_speed(m_all, hf_all, 1, 32, new_tokens, repeats, device))
+                r["top-all prefill 512 fp32 tok/s"] = list(prefill_speed(m_all, hf_all, 512, repeats, device))
+                del m_all, hf_all
+            bf_model, bf_hf = model.to(torch.bfloat16), hf.to(torch.bfloat16)
+            r["decode b1 bf16 tok/s"] = list(decode_speed(bf_model, bf_hf, 1, 32, new_tokens, repeats, device))
+            del model, hf, bf_model, bf_hf
+            model = olmo_lab.load_model(path).to(device)
+            r["tracing overhead (fraction of prefill time)"] = tracing_overhead(model, repeats * 2, device)
+            ours, theirs = load_probe("olmo-lab", path), load_probe("transformers", path)
+            r["load seconds"] = [ours["seconds"], theirs["seconds"]]
+            r["load peak RSS / weight bytes"] = [ours["peak"] / r["weight_bytes"], theirs["peak"] / r["weight_bytes"]]
+            if model.config.is_moe:
+                two = load_probe("olmo-lab", path, [0, 1])
+                r["subset load peak RSS, 2 of 8 experts / all"] = two["peak"] / ours["peak"]
+            del model
+    write(results, args.out)
+    return results
+
+
+def write(results: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    name = "results-quick.json" if results["quick"] else "results.json"
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(results, f, indent=2)
+    lines = [f"# Benchmark results{' (quick)' if results['quick'] else ''}", "",
+             f"- date: {results['date']}; device: {results['device']}; machine: {results['machine']}",
+             f"- torch {results['torch']} ({results['threads']} threads); transformers {results['transformers']}",
+             "- pairs are olmo-lab / transformers on the same weights in the same process; median of repeats", ""]
+    for model, r in results["models"].items():
+        lines += [f"## {model} ({r['parameters'] / 1e6:.1f}M parameters, {r['weight_bytes'] / 2**20:.0f} MiB)", "",
+                  "| figure | olmo-lab | transformers | ratio |", "|---|---|---|---|"]
+        for key, value in r.items():
+            if isinstance(value, list):
+                lines.append(f"| {key} | {value[0]:.2f} | {value[1]:.2f} | {value[0] / value[1]:.2f}x |")
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    lines.append(f"| {key}: {k} | {v:+.1%} | | |")
+            elif isinstance(value, float):
+                lines.append(f"| {key} | {value:.2f} | | |")
+        lines.append("")
+    path = os.path.join(out, "RESULTS-quick.md" if results["quick"] else "RESULTS.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
