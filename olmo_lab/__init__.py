@@ -16,6 +16,7 @@ from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, Exper
 from .compare import compare_with_transformers
 from .experts import experts_off
 from .generate import generate
+from .lab import lab_model
 from .model import OlmoModel
 from .tokenizer import Tokenizer, load_tokenizer
 

@@ -1,0 +1,65 @@
+"""Build the notebooks from their sources in notebooks/src/*.py and run them to store their outputs.
+
+    python notebooks/build.py            # every notebook
+    python notebooks/build.py 02 04      # only those whose name starts with these prefixes
+
+A source is a Python file in the "percent" format: `# %%` starts a code cell, `# %% [markdown]` a
+markdown cell whose lines are comments. Keeping sources as plain Python makes them easy to review and
+diff; the committed .ipynb files (with outputs) are what readers open and what nbval checks in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse(source: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata.language_info = {"name": "python"}
+    for chunk in re.split(r"^# %%", source, flags=re.M)[1:]:
+        header, _, body = chunk.partition("\n")
+        body = body.strip("\n")
+        if header.strip() == "[markdown]":
+            text = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
+            nb.cells.append(nbformat.v4.new_markdown_cell(text))
+        else:
+            nb.cells.append(nbformat.v4.new_code_cell(body))
+    for i, cell in enumerate(nb.cells):  # stable ids: no random element ids in the committed files
+        cell.id = f"cell-{i:03d}"
+    return nb
+
+
+def build(name: str) -> str:
+    with open(os.path.join(HERE, "src", name + ".py"), encoding="utf-8") as f:
+        nb = parse(f.read())
+    env_backup = {k: os.environ.pop(k) for k in ("OLMO_LAB_MODEL", "OLMO_LAB_MOE_MODEL") if k in os.environ}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    finally:
+        os.environ.update(env_backup)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+    out = os.path.join(HERE, name + ".ipynb")
+    nbformat.write(nb, out)
+    return out
+
+
+def main(prefixes: list[str]) -> None:
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "src")) if f.endswith(".py"))
+    for name in names:
+        if not prefixes or any(name.startswith(p) for p in prefixes):
+            print("built", build(name), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
