@@ -84,8 +84,8 @@ class Trace:
         """(B, S) every token of the latest traced sequence, prompt and generated."""
         return torch.cat(self.run.token_ids, dim=1)
 
-    def token_text(self, batch: int = 0) -> list[str]:
-        ids = self.token_ids[batch].tolist()
+    def token_text(self, batch: int = 0, run: _Run | None = None) -> list[str]:
+        ids = torch.cat((run or self.run).token_ids, dim=1)[batch].tolist()
         if self.tokenizer is None:
             return [str(i) for i in ids]
         return self.tokenizer.token_strings(ids)
@@ -126,14 +126,22 @@ class Trace:
     # ------------------------------------------------------------------ routing
     @property
     def routing(self) -> dict[int, RoutingRecord]:
+        """{layer: RoutingRecord} of the latest traced sequence."""
+        return self._routing(self.run)
+
+    def routing_per_sequence(self) -> list[dict[int, RoutingRecord]]:
+        """`routing` of every sequence traced in the block, in order."""
+        return [self._routing(run) for run in self.runs]
+
+    def _routing(self, run: _Run) -> dict[int, RoutingRecord]:
         names = self.model.config.expert_names
         out = {}
-        for layer, pieces in self.run.routing.items():
+        for layer, pieces in run.routing.items():
             cat = {f: torch.cat([getattr(r, f).detach().reshape(B, S, -1) for r, B, S, _ in pieces], dim=1)
                    for f in ("logits", "probs", "topk_indices", "topk_weights")}
             flat = {f: t.reshape(-1, t.shape[-1]).cpu() for f, t in cat.items()}
             B = cat["logits"].shape[0]
-            tokens = [t for b in range(B) for t in self.token_text(b)]
+            tokens = [t for b in range(B) for t in self.token_text(b, run)]
             out[layer] = RoutingRecord(tokens=tokens, expert_names=names, **flat)
         return out
 

@@ -151,3 +151,13 @@ def test_nested_tracing_is_refused(olmo3):
         with pytest.raises(RuntimeError, match="already being traced"):
             with trace(model):
                 pass
+
+
+def test_each_traced_sequence_is_kept(flex):
+    model = olmo_lab.load_model(flex)
+    with trace(model, attention=False) as tr:
+        model(IDS[:, :5])
+        model(IDS[:, :9])
+    per_seq = tr.routing_per_sequence()
+    assert [seq[0].logits.shape[0] for seq in per_seq] == [5, 9]
+    assert torch.equal(per_seq[1][0].logits, tr.routing[0].logits)
