@@ -114,7 +114,30 @@ class SwitchboardState:
         return "\n".join(lines)
 
 
-class ExpertSwitchboard:
+class _WidgetView:
+    """What both widgets share: a text summary, an Output for figures, and an optional echo."""
+
+    def _show(self, summary: str, make_figures) -> str:
+        from IPython.display import display
+
+        self.text.value = f"<pre class='olmo-lab-summary'>{_escape(summary)}</pre>"
+        if _in_kernel():  # pictures only where a front end can show them
+            with self.out:
+                self.out.clear_output(wait=True)
+                for fig in make_figures():
+                    display(fig)
+                    plt.close(fig)
+        if self.echo:
+            print(summary)
+        return summary
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+class ExpertSwitchboard(_WidgetView):
     """A checkbox per expert, a prompt box and a generate button; shows what switching experts changes."""
 
     def __init__(self, model, tokenizer, prompt: str = "", max_new_tokens: int = 16, echo: bool = True):
@@ -147,29 +170,17 @@ class ExpertSwitchboard:
 
     def refresh(self) -> str:
         """Read the prompt, update the state, redraw, and print (return) the text summary."""
-        from IPython.display import display
-
         self.state.prompt = self.prompt.value
         view = self.state.update()
         summary = self.state.summary()
-        self.text.value = f"<pre class='olmo-lab-summary'>{_escape(summary)}</pre>"
-        if _in_kernel():  # pictures only where a front end can show them
-            with self.out:
-                self.out.clear_output(wait=True)
-                if not view.message:
-                    labels = self.state.tokenizer.token_strings(list(range(len(view.before))))
-                    for fig in (next_token_comparison(view.before, view.after, labels, top=8),
-                                routing_heatmap(view.routing, self.state.names)):
-                        display(fig)
-                        plt.close(fig)
-        if self.echo:
-            print(summary)
-        return summary
 
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
+        def figures():
+            if view.message:
+                return []
+            labels = self.state.tokenizer.token_strings(list(range(len(view.before))))
+            return [next_token_comparison(view.before, view.after, labels, top=8),
+                    routing_heatmap(view.routing, self.state.names)]
+        return self._show(summary, figures)
 
 
 # ---------------------------------------------------------------------------------------- attention explorer
@@ -197,14 +208,12 @@ class AttentionExplorerState:
                     raise ValueError(f"{name}: {value} is out of range (0..{limit - 1})")
                 setattr(self, name, value)
 
-    def update(self):
-        """-> (figure, summary) for the current selection."""
+    def figure(self):
+        """The heatmap of the selected layer and head."""
         probs = self.attention[self.layer][0, self.head]
         window = self.model.config.window(self.layer)
         kind = f"sliding window {window}" if window else "full attention"
-        fig = attention_heatmap(probs, self.tokens, window,
-                                title=f"layer {self.layer}, head {self.head} ({kind})")
-        return fig, self.summary()
+        return attention_heatmap(probs, self.tokens, window, title=f"layer {self.layer}, head {self.head} ({kind})")
 
     def summary(self) -> str:
         probs = self.attention[self.layer][0, self.head]
@@ -217,7 +226,7 @@ class AttentionExplorerState:
                 f"{self.query} {self.tokens[self.query]!r} {seen}; top keys: {keys}")
 
 
-class AttentionExplorer:
+class AttentionExplorer(_WidgetView):
     """Layer, head and query-token selectors over a traced prompt, with the heatmap."""
 
     def __init__(self, model, tokenizer, prompt: str, echo: bool = True):
@@ -239,24 +248,9 @@ class AttentionExplorer:
         self.widget.add_class("olmo-lab-attention")
 
     def refresh(self) -> str:
-        from IPython.display import display
-
+        """Apply the selectors, redraw, and print (return) the text summary."""
         self.state.select(self.layer.value, self.head.value, self.query.value)
-        fig, summary = self.state.update()
-        self.text.value = f"<pre class='olmo-lab-summary'>{_escape(summary)}</pre>"
-        if _in_kernel():
-            with self.out:
-                self.out.clear_output(wait=True)
-                display(fig)
-        plt.close(fig)
-        if self.echo:
-            print(summary)
-        return summary
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
+        return self._show(self.state.summary(), lambda: [self.state.figure()])
 
 
 def _in_kernel() -> bool:

@@ -134,7 +134,7 @@ def test_attention_explorer(olmo3, capsys):
     model, tok = olmo3
     state = AttentionExplorerState(model, tok, "hello world")
     state.select(layer=0, head=2, query=10)
-    fig, text = state.update()
+    fig, text = state.figure(), state.summary()
     assert "sliding window 4" in fig.axes[0].get_title()
     assert "query 10 'd' sees keys 7..10" in text
     with pytest.raises(ValueError, match="head: 9 is out of range"):

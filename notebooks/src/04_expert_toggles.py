@@ -45,7 +45,8 @@ board.checkboxes["code"].value = False
 # %%
 for name in names:  # everything off is refused with a message, and the board keeps working
     board.checkboxes[name].value = False
-board.checkboxes["public"].value = True
+for name in names:
+    board.checkboxes[name].value = True
 
 # %% [markdown]
 # ## What each opt-out does to text

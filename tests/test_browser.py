@@ -1,0 +1,166 @@
+"""The widgets in a real browser: JupyterLab + headless Chromium driven by Playwright.
+
+nbval runs notebooks without a front end, so it cannot see whether a widget renders and responds.
+This test starts JupyterLab from the project's environment on a free loopback port with a token,
+opens the notebooks in Debian's Chromium, runs every cell, and uses the widgets as a person would.
+Screenshots go to test-output/browser/ (set OLMO_LAB_UPDATE_IMAGES=1 to refresh docs/images/).
+Run it alone with `pytest -m browser`.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "test-output" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+pytestmark = pytest.mark.browser
+
+
+def _ensure_chromium():
+    if not os.path.exists(CHROMIUM):  # installed by the test setup, from Debian's packages
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on a copy of the notebooks; always shut down, even when a test fails."""
+    _ensure_chromium()
+    root = tmp_path_factory.mktemp("lab")
+    for nb in ("02_attention_maps.ipynb", "04_expert_toggles.ipynb"):
+        shutil.copy(ROOT / "notebooks" / nb, root / nb)
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(root / ".jupyter"),
+           "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError("JupyterLab exited: " + server.stdout.read().decode()[-2000:])
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("JupyterLab did not start within 60 s")
+        yield url, token
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _open_and_run_all(browser, lab, notebook):
+    url, token = lab
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{url}/lab/tree/{notebook}?token={token}")
+    page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+    page.click("text=Run", timeout=10_000)  # the Run menu
+    page.click("text=Run All Cells", timeout=10_000)
+    return page, errors
+
+
+def _save(page, locator, name):
+    OUT.mkdir(parents=True, exist_ok=True)
+    locator.screenshot(path=str(OUT / name))
+    if os.environ.get("OLMO_LAB_UPDATE_IMAGES"):
+        (ROOT / "docs" / "images").mkdir(parents=True, exist_ok=True)
+        shutil.copy(OUT / name, ROOT / "docs" / "images" / name)
+
+
+def test_expert_switchboard_in_the_browser(lab, browser):
+    page, errors = _open_and_run_all(browser, lab, "04_expert_toggles.ipynb")
+    board = page.locator(".olmo-lab-switchboard").first
+    board.wait_for(state="visible", timeout=120_000)  # a rendered widget, not the plain-text fallback
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=150_000)
+    board.scroll_into_view_if_needed()
+    summary = board.locator(".olmo-lab-summary")
+    summary.wait_for(timeout=30_000)
+    before_text = summary.inner_text()
+    assert before_text.startswith("experts off (opt_out): none"), before_text
+    images_before = [board.locator("img").nth(i).get_attribute("src") for i in range(board.locator("img").count())]
+    assert len(images_before) == 2  # the next-token comparison and the routing heatmap
+
+    box = board.locator("label:has-text('math') input[type=checkbox], .widget-checkbox:has-text('math') input").first
+    box.uncheck()
+    deadline = time.time() + 60
+    while summary.inner_text() == before_text and time.time() < deadline:
+        time.sleep(0.25)
+    after_text = summary.inner_text()
+    assert after_text.startswith("experts off (opt_out): math"), after_text
+    deadline = time.time() + 30
+    images_after = images_before
+    while images_after == images_before and time.time() < deadline:
+        time.sleep(0.25)
+        images_after = [board.locator("img").nth(i).get_attribute("src") for i in range(board.locator("img").count())]
+    assert len(images_after) == 2 and images_after[1] != images_before[1]  # the routing view was redrawn
+    _save(page, board, "switchboard.png")
+    assert not errors, errors
+    page.close()
+
+
+def test_attention_explorer_in_the_browser(lab, browser):
+    page, errors = _open_and_run_all(browser, lab, "02_attention_maps.ipynb")
+    explorer = page.locator(".olmo-lab-attention").first
+    explorer.wait_for(state="visible", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=150_000)
+    explorer.scroll_into_view_if_needed()
+    image = explorer.locator("img").first
+    image.wait_for(timeout=30_000)
+    before = image.get_attribute("src")
+    summary_before = explorer.locator(".olmo-lab-summary").inner_text()
+    explorer.locator("select").nth(1).select_option(index=1)  # another head
+    deadline = time.time() + 30
+    while image.get_attribute("src") == before and time.time() < deadline:
+        time.sleep(0.25)
+    assert image.get_attribute("src") != before
+    assert explorer.locator(".olmo-lab-summary").inner_text() != summary_before
+    explorer.locator("select").nth(0).select_option(index=0)  # another layer
+    _save(page, explorer, "attention_explorer.png")
+    assert not errors, errors
+    page.close()
