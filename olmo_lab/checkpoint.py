@@ -81,11 +81,13 @@ def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
                 weight_map = json.load(f)["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
+            if not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise TypeError("weight_map values must be shard file names")
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CorruptCheckpointError(f"{INDEX_FILE}: malformed index ({type(e).__name__}: {e})") from None
         paths = {}
         for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or os.path.isabs(shard) or os.path.basename(shard) != shard \
+            if os.path.isabs(shard) or os.path.basename(shard) != shard \
                     or shard in ("", ".", ".."):
                 raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is not a plain file name inside the "
                                             f"checkpoint directory; refusing to read it")
@@ -149,7 +151,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    readers = {}
+    readers, state = {}, {}
     try:
         for path in files:
             readers[path] = SafetensorsFile(path)
@@ -157,12 +159,14 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         if target is None:
             target = DTYPES.get(config.dtype) or _stored_dtype(readers, plan)
         show = progress if progress is not None else sum(os.path.getsize(p) for p in files) > PROGRESS_BYTES
-        state = {}
         for name, read in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
-            tensor = read(readers)
-            _check_tensor(name, tensor, expected[name])
-            state[name] = tensor.to(device=device, dtype=target)
-            del tensor
+            state[name] = _checked(name, read(readers), expected[name]).to(device=device, dtype=target)
+    except BaseException:
+        # The traceback keeps this frame alive (Jupyter keeps the last one): drop the weights read so
+        # far and the model shell, so a failed load holds no memory and leaves nothing half-built.
+        state.clear()
+        del model
+        raise
     finally:
         for reader in readers.values():
             reader.close()
@@ -182,13 +186,14 @@ def _with(config: OlmoConfig, **changes) -> OlmoConfig:
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
+    """The requested parameter dtype; ConfigError (a ValueError) for anything but a float dtype."""
     if dtype is None or isinstance(dtype, torch.dtype):
         if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype: {dtype} is not a floating-point dtype")
+            raise ConfigError(f"dtype: {dtype} is not a floating-point dtype")
         return dtype
-    if dtype in DTYPES:
+    if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"dtype: unknown dtype {dtype!r} (use torch.float32, torch.bfloat16 or torch.float16)")
+    raise ConfigError(f"dtype: unknown dtype {dtype!r} (use torch.float32, torch.bfloat16 or torch.float16)")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -278,7 +283,8 @@ def _fused_reader(read_expert, half):
     return reader
 
 
-def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple) -> None:
+def _checked(name: str, tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The tensor, if it is a finite floating-point tensor of the expected shape."""
     if not tensor.is_floating_point():
         raise ShapeMismatchError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
     if tuple(tensor.shape) != shape:
@@ -286,6 +292,7 @@ def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple) -> None:
                                  f"config implies {shape}")
     if not bool(torch.isfinite(tensor).all()):
         raise CorruptCheckpointError(f"tensor {name!r} contains NaN or Inf values")
+    return tensor
 
 
 # ---------------------------------------------------------------------------------------- saving
@@ -295,15 +302,17 @@ def save_model(model: OlmoModel, directory: str | os.PathLike, *, max_shard_size
 
     FlexOlmo experts are written per expert (`mlp.experts.{e}.gate_proj.weight`, ...), as released.
     max_shard_size (bytes or "500MB"-style): split into shards with a `model.safetensors.index.json`.
-    Files are written under temporary names and renamed, so a failure never leaves a half-written file.
+    Files are written under temporary names and renamed only once all are complete, so a failure leaves
+    the directory's files as they were.
     """
     directory = os.fspath(directory)
+    limit = _parse_size(max_shard_size)
     os.makedirs(directory, exist_ok=True)
     config = model.config.replace(dtype=_dtype_name(model.dtype))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    shards = _split(state, _parse_size(max_shard_size))
+    shards = _split(state, limit)
     files = {}
     if len(shards) == 1:
         files[SINGLE_FILE] = shards[0]
@@ -317,10 +326,10 @@ def save_model(model: OlmoModel, directory: str | os.PathLike, *, max_shard_size
         outputs[INDEX_FILE] = {"metadata": {"total_size": total,
                                             "total_parameters": sum(t.numel() for t in state.values())},
                                "weight_map": dict(sorted(weight_map.items()))}
-    for fname, shard in files.items():
-        _atomic(directory, fname, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
-    for fname, obj in outputs.items():
-        _atomic(directory, fname, lambda p, obj=obj: _write_json(p, obj))
+    writers = {fname: lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"})
+               for fname, shard in files.items()}
+    writers.update({fname: lambda p, obj=obj: _write_json(p, obj) for fname, obj in outputs.items()})
+    _write_all(directory, writers)
     stale = [SINGLE_FILE] if len(shards) > 1 else [INDEX_FILE]
     for fname in stale + [f for f in os.listdir(directory) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)
                           and f not in files]:
@@ -342,15 +351,24 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def _atomic(directory: str, fname: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=directory)
-    os.close(fd)
+def _write_all(directory: str, writers: dict) -> None:
+    """Run every `writers[fname](path)` on a temporary file, then rename them all into place.
+
+    Nothing is renamed until every file is complete, so a failure (disk full, Ctrl-C) leaves the
+    directory as it was: no half-written file and no new shard next to an old config or index.
+    """
+    done = {}
     try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, fname))
+        for fname, write in writers.items():
+            fd, done[fname] = tempfile.mkstemp(prefix=f".{fname}.", dir=directory)
+            os.close(fd)
+            write(done[fname])
     except BaseException:
-        os.remove(tmp)
+        for tmp in done.values():
+            os.remove(tmp)
         raise
+    for fname, tmp in done.items():
+        os.replace(tmp, os.path.join(directory, fname))
 
 
 def _parse_size(size) -> int | None:

@@ -88,6 +88,8 @@ class OlmoConfig:
     dtype: str | None = None  # the checkpoint's stored dtype, e.g. "bfloat16"
 
     def __post_init__(self):
+        for name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "num_experts"):
+            _check_int(name, getattr(self, name))  # the defaults below compute with them
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
@@ -227,8 +229,15 @@ class OlmoConfig:
                 if not isinstance(d[name], bool):
                     raise ConfigError(f"{name}: must be true or false, got {d[name]!r}")
                 kw[name] = d[name]
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        for name in ("pad_token_id", "bos_token_id"):
+            if d.get(name) is not None and not _is_token_id(d[name]):
+                raise ConfigError(f"{name}: must be a token id (an integer >= 0) or null, got {d[name]!r}")
             kw[name] = d.get(name)
+        eos = d.get("eos_token_id")
+        if eos is not None and not all(_is_token_id(i) for i in (eos if isinstance(eos, list) else [eos])):
+            raise ConfigError(f"eos_token_id: must be a token id (an integer >= 0), a list of them, or null, "
+                              f"got {eos!r}")
+        kw["eos_token_id"] = eos
         kw["dtype"] = d.get("dtype", d.get("torch_dtype"))
         if kw["dtype"] is not None and not isinstance(kw["dtype"], str):
             raise ConfigError(f"dtype: must be a string such as 'bfloat16', got {kw['dtype']!r}")
@@ -297,6 +306,10 @@ def _check_int(name, value, minimum=None):
         raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
 
 
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_float(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name}: must be a finite number, got {value!r}")
@@ -313,7 +326,10 @@ def _parse_rope(d: dict, model_type: str, max_pos: int) -> dict[str, RopeConfig]
     params = d.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"rope_parameters: must be an object, got {type(params).__name__}")
-    if params and set(params) <= set(LAYER_TYPES) and all(isinstance(v, dict) for v in params.values()):
+    if params and set(params) <= set(LAYER_TYPES):  # nested by layer type
+        for t, v in params.items():
+            if not isinstance(v, dict):
+                raise ConfigError(f"rope_parameters[{t!r}]: must be an object, got {type(v).__name__}")
         nested = {t: _rope_entry(f"rope_parameters[{t!r}]", v, max_pos) for t, v in params.items()}
         if model_type != "olmo3":
             if set(nested) != {FULL}:

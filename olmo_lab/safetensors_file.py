@@ -57,11 +57,13 @@ class SafetensorsFile:
         data_size, entries = size - 8 - n, {}
         for name, e in header.items():
             try:
-                dtype, shape, (begin, end) = DTYPES[e["dtype"]], [int(d) for d in e["shape"]], e["data_offsets"]
+                dtype, shape, (begin, end) = DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise self._bad(f"corrupted header entry for tensor {name!r}: {e!r}") from None
+            if not (isinstance(shape, list) and all(_is_size(d) for d in shape)):
+                raise self._bad(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
             expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or end - begin != expected:
+            if not (_is_size(begin) and _is_size(end) and begin <= end) or end - begin != expected:
                 raise self._bad(f"tensor {name!r}: offsets {[begin, end]} do not fit dtype {e['dtype']} and "
                                 f"shape {shape}")
             if end > data_size:
@@ -84,6 +86,8 @@ class SafetensorsFile:
         dtype, shape, begin = self.entries[name]
         if rows is None:
             return self._read_bytes(begin, shape, dtype)
+        if not shape:
+            raise self._bad(f"tensor {name!r} is a scalar; it has no rows to read")
         row_shape = shape[1:]
         row_bytes = math.prod(row_shape) * torch.empty(0, dtype=dtype).element_size()
         for r in rows:
@@ -101,3 +105,8 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _is_size(value) -> bool:
+    """A non-negative int (not a bool, float or string): a valid dimension or byte offset."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
