@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .config import RELEASED_7X7B_EXPERTS, OlmoConfig
-from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, ExpertError,
+from .errors import (CheckpointError, InputError, ConfigError, CorruptCheckpointError, ExpertError,
                      MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError)
 from .experts import resolve_experts
 from .model import OlmoModel
@@ -372,12 +372,16 @@ def _write_all(directory: str, writers: dict) -> None:
 
 
 def _parse_size(size) -> int | None:
-    if size is None or isinstance(size, int):
+    """max_shard_size in bytes: None, a positive int, or a string like '500MB'."""
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"max_shard_size: expected bytes or a size like '500MB', got {size!r}")
-    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper()) if isinstance(size, str) else None
+    value = int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)]) if m else 0
+    if value <= 0:
+        raise InputError(f"max_shard_size: expected a positive number of bytes or a size like '500MB', got {size!r}")
+    return value
 
 
 def _split(state: dict, limit: int | None) -> list[dict]:

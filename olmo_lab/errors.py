@@ -61,4 +61,4 @@ class StaleCacheError(OlmoLabError, RuntimeError):
 
 
 class InputError(OlmoLabError, ValueError):
-    """Model inputs (token ids, masks, positions) have the wrong type, shape or range."""
+    """Model inputs (token ids, masks, positions) or other arguments have the wrong type, shape or range."""

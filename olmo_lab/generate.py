@@ -202,6 +202,9 @@ def _eos_ids(model, tokenizer, eos_token_id) -> set:
 def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, tokenizer, stream):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens: must be a non-negative integer, got {max_new_tokens!r}")
+    if int(ids.min()) < 0 or int(ids.max()) >= model.config.vocab_size:
+        raise GenerationError(f"prompt ids: token ids must lie in [0, {model.config.vocab_size}), got "
+                              f"[{int(ids.min())}, {int(ids.max())}]")
     limit = model.config.max_position_embeddings
     if ids.shape[1] > limit:
         raise GenerationError(f"prompt: {ids.shape[1]} tokens is longer than the model's context of {limit}")

@@ -138,11 +138,25 @@ class OlmoModel(nn.Module):
         if cache is not None:
             cache.check(id(self), self._toggle_key)
             past = cache.length
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + S):
-            raise InputError(f"attention_mask: expected shape {(B, past + S)} (batch, cached + new tokens), "
-                             f"got {tuple(attention_mask.shape)}")
-        if position_ids is not None and tuple(position_ids.shape) not in ((B, S), (1, S)):
-            raise InputError(f"position_ids: expected shape {(B, S)}, got {tuple(position_ids.shape)}")
+        if past + S > self.config.max_position_embeddings:
+            raise InputError(f"input_ids: {past + S} positions exceed the model's context of "
+                             f"{self.config.max_position_embeddings} (max_position_embeddings)")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, past + S):
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else \
+                    type(attention_mask).__name__
+                raise InputError(f"attention_mask: expected a tensor of shape {(B, past + S)} (batch, cached + new "
+                                 f"tokens), got {shape}")
+            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise InputError("attention_mask: values must be 1 (token) or 0 (padding)")
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or \
+                    tuple(position_ids.shape) not in ((B, S), (1, S)):
+                shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else \
+                    type(position_ids).__name__
+                raise InputError(f"position_ids: expected an integer tensor of shape {(B, S)}, got {shape}")
+            if bool((position_ids < 0).any()):
+                raise InputError("position_ids: positions must be >= 0")
         return past
 
     # ------------------------------------------------------------------ helpers

@@ -677,11 +677,21 @@ INPUT_CASES = {
     "id past vocab": (lambda: torch.tensor([[3, 128]]), None, r"token ids must lie in \[0, 128\), got \[3, 128\]"),
     "negative id": (lambda: torch.tensor([[-1, 3]]), None, r"token ids must lie in \[0, 128\), got \[-1, 3\]"),
     "mask too short": (lambda: torch.tensor([[3, 4, 5]]), dict(attention_mask=torch.ones(1, 2)),
-                       r"attention_mask: expected shape \(1, 3\) .* got \(1, 2\)"),
+                       r"attention_mask: expected a tensor of shape \(1, 3\) .* got \(1, 2\)"),
     "mask wrong batch": (lambda: torch.tensor([[3, 4, 5]]), dict(attention_mask=torch.ones(2, 3)),
-                         r"attention_mask: expected shape \(1, 3\)"),
+                         r"attention_mask: expected a tensor of shape \(1, 3\)"),
+    "mask as a list": (lambda: torch.tensor([[3, 4, 5]]), dict(attention_mask=[[1, 1, 1]]),
+                       r"attention_mask: expected a tensor of shape \(1, 3\) .* got list"),
+    "mask values": (lambda: torch.tensor([[3, 4, 5]]), dict(attention_mask=torch.tensor([[0.5, 1, 2]])),
+                    r"attention_mask: values must be 1 \(token\) or 0 \(padding\)"),
     "positions wrong shape": (lambda: torch.tensor([[3, 4, 5]]), dict(position_ids=torch.arange(4)[None]),
-                              r"position_ids: expected shape \(1, 3\), got \(1, 4\)"),
+                              r"position_ids: expected an integer tensor of shape \(1, 3\), got \(1, 4\)"),
+    "float positions": (lambda: torch.tensor([[3, 4, 5]]), dict(position_ids=torch.zeros(1, 3)),
+                        r"position_ids: expected an integer tensor"),
+    "negative positions": (lambda: torch.tensor([[3, 4, 5]]), dict(position_ids=torch.tensor([[-1, 0, 1]])),
+                           r"position_ids: positions must be >= 0"),
+    "longer than the context": (lambda: torch.full((1, 40), 3), None,
+                                r"40 positions exceed the model's context of 32"),
 }
 
 
@@ -695,12 +705,12 @@ def test_bad_model_inputs(dense, case):
 def test_mask_that_ignores_the_cache_leaves_the_cache_alone(dense):
     cache = dense.new_cache()
     dense(torch.tensor([[3, 4, 5]]), cache=cache)
-    with unchanged(dense, cache), pytest.raises(InputError, match=r"expected shape \(1, 4\) \(batch, cached \+ new"):
+    with unchanged(dense, cache), pytest.raises(InputError, match=r"expected a tensor of shape \(1, 4\) \(batch, cached \+ new"):
         dense(torch.tensor([[6]]), attention_mask=torch.ones(1, 1), cache=cache)
 
 
 def test_out_of_vocab_ids_through_generate(dense):
-    with unchanged(dense), pytest.raises(InputError, match=r"token ids must lie in \[0, 128\)"):
+    with unchanged(dense), pytest.raises(GenerationError, match=r"prompt ids: token ids must lie in \[0, 128\)"):
         olmo_lab.generate(dense, None, [3, 500], max_new_tokens=2)
 
 
@@ -729,3 +739,15 @@ def test_failed_save_leaves_the_directory_as_it_was(dense_dir, tmp_path, monkeyp
     assert files_of(directory) == before  # no temporary file, no new shard next to the old config
     monkeypatch.undo()
     assert torch.equal(olmo_lab.load_model(directory).lm_head.weight, build(DENSE).lm_head.weight)
+
+
+@pytest.mark.parametrize("size", [0, -5, True, "lots", "0MB", 1.5])
+def test_bad_max_shard_size(dense, tmp_path, size):
+    with unchanged(dense), pytest.raises(InputError, match="max_shard_size: expected a positive number of bytes"):
+        olmo_lab.save_model(dense, tmp_path / "out", max_shard_size=size)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_stream_checks_its_ids_when_called(flex):
+    with pytest.raises(GenerationError, match=r"token ids must lie in \[0, 128\)"):
+        olmo_lab.generate(flex, None, [3, 999], max_new_tokens=2, stream=True)
