@@ -1,0 +1,159 @@
+# %% [markdown]
+# # 05 · Build your own FlexOlmo
+#
+# The FlexOlmo recipe end to end, at notebook scale (Shi et al. 2025, arXiv:2507.07024):
+#
+# 1. a **public anchor**: a dense model trained on public data (the shipped `olmo3-lab`);
+# 2. each data owner **upcycles** it into a 2-expert MoE `[public (frozen), own]`, initialises its
+#    router row from a **domain embedding**, and trains **only on its own data**, never seeing anyone
+#    else's;
+# 3. the owners' experts are **merged** into one MoE with **no joint training**;
+# 4. any owner can **opt out** at inference, exactly.
+#
+# Two small domains that install with nothing: Python source code (the standard library that ships
+# with Python) and synthetic arithmetic. Each expert trains for about a minute on 2 CPU cores.
+# At the end: the results table of the shipped `flexolmo-lab`, built by the same code at full size.
+
+# %%
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+import torch
+
+import olmo_lab
+from olmo_lab import flexolmo, lens
+from olmo_lab.train import TokenStream, TrainConfig, bits_per_byte, token_byte_lengths
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+path = olmo_lab.lab_model("olmo3-lab")
+public = olmo_lab.load_model(path)
+tok = olmo_lab.load_tokenizer(path)
+print("public anchor:", public.config.model_type, f"{public.num_parameters():,} parameters")
+
+# %% [markdown]
+# ## Two closed domains
+# - **code**: a fixed list of modules from the Python standard library (PSF licence);
+# - **arith**: lines like `417 + 385 = 802`, generated from a seed.
+#
+# Each gets a training stream and a held-out split. The public domain's held-out text is the
+# shipped evaluation sample.
+
+# %%
+stdlib = Path(sysconfig.get_paths()["stdlib"])
+modules = ["json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "string.py", "fractions.py",
+           "heapq.py", "bisect.py", "calendar.py", "shlex.py", "glob.py", "fnmatch.py", "colorsys.py", "queue.py"]
+code_text = [(stdlib / m).read_text(encoding="utf-8") for m in modules]
+
+rng = random.Random(0)
+def arith_line():
+    a, b = rng.randrange(1000), rng.randrange(1000)
+    op = rng.choice("+-")
+    return f"{a} {op} {b} = {a + b if op == '+' else a - b}"
+arith_text = ["\n".join(arith_line() for _ in range(40)) for _ in range(300)]
+
+domains = {"code": (code_text[:-2], code_text[-2:]), "arith": (arith_text[:-20], arith_text[-20:])}
+public_heldout = olmo_lab.lab.samples()["public"]["texts"]
+streams = {name: TokenStream.from_texts(tok, train) for name, (train, _) in domains.items()}
+heldout = {"public": TokenStream.from_texts(tok, public_heldout)}
+heldout.update({name: TokenStream.from_texts(tok, test) for name, (_, test) in domains.items()})
+for name, s in streams.items():
+    print(f"{name}: {len(s):,} training tokens")
+
+# %% [markdown]
+# ## Router rows from domain embeddings
+# Each owner embeds its documents with a fixed embedder (hashed character trigrams through a seeded
+# random projection: deterministic, no download) and averages them. Row 0 is the public domain's.
+# The same vectors go into every layer, scaled by the layer's mean residual norm.
+
+# %%
+embedder = flexolmo.HashedNgramEmbedder(public.config.hidden_size)
+public_docs = olmo_lab.lab.samples()["public"]["texts"]
+emb = {"public": embedder.domain(public_docs)}
+emb.update({name: embedder.domain(train) for name, (train, _) in domains.items()})
+norms, means = flexolmo.residual_stats(public, heldout["public"].windows(64, 8))
+cos = torch.nn.functional.cosine_similarity
+print("cosine between domain embeddings:",
+      {f"{a}/{b}": round(cos(emb[a], emb[b], dim=0).item(), 2) for a, b in [("public", "code"), ("public", "arith"), ("code", "arith")]})
+
+# %% [markdown]
+# ## Each owner trains alone
+# Embeddings, attention, norms, the LM head, the public expert and the public router row are frozen;
+# only the owner's expert and router row learn, from the owner's data only.
+
+# %%
+config = TrainConfig(steps=60, lr=2e-3, warmup=10, weight_decay=0.0, batch_size=8, seq_len=64, progress=False)
+owners = {}
+for name in domains:
+    rows = flexolmo.router_rows(torch.stack([emb["public"], emb[name]]), norms)
+    owner = flexolmo.upcycle(public, name, rows)
+    result = flexolmo.train_expert(owner, streams[name], config)
+    owners[name] = owner
+    print(f"{name}: training loss {result.train_loss[0]:.2f} -> {sum(result.train_loss[-10:]) / 10:.2f} nats/token")
+
+# %% [markdown]
+# ## Merge, without joint training
+# `merge` stacks the router rows and experts and checks that every owner's shared weights, public
+# expert and public router row are bit-identical to the anchor's: the coordination constraint.
+
+# %%
+flex = flexolmo.merge(public, [owners["code"], owners["arith"]], ["code", "arith"])
+print(flex.experts.names, f"top-{flex.config.num_experts_per_tok}", f"{flex.num_parameters():,} parameters")
+shared = flexolmo.shared_state(public)
+print("shared weights identical in every owner:",
+      all(torch.equal(shared[k], flexolmo.shared_state(o)[k]) for o in owners.values() for k in shared))
+
+# %% [markdown]
+# ## Does it work? Held-out bits per byte
+# Lower is better. The merged model should approach each owner's model on that owner's domain and
+# beat the public model there; opting a domain out should bring its loss back up.
+
+# %%
+byte_lengths = token_byte_lengths(tok)
+windows = {name: s.windows(64, 16) for name, s in heldout.items()}
+
+
+def row(model):
+    return {name: bits_per_byte(model, w, byte_lengths) for name, w in windows.items()}
+
+
+table = {"public (dense)": row(public)}
+table.update({f"owner {n} alone": row(o) for n, o in owners.items()})
+table["merged FlexOlmo"] = row(flex)
+for name in domains:
+    with olmo_lab.experts_off(flex, [name]):
+        table[f"merged, {name} opted out"] = row(flex)
+print(f"{'':<26}" + "".join(f"{d:>9}" for d in windows))
+for label, values in table.items():
+    print(f"{label:<26}" + "".join(f"{v:9.3f}" for v in values.values()))
+
+# %% [markdown]
+# ## Routing
+# Which expert each domain's tokens pick (fraction of tokens with the expert in their top-k,
+# averaged over layers).
+
+# %%
+usage = lens.expert_usage(flex, tok, {"public": public_heldout, "code": domains["code"][1][:1],
+                                      "arith": domains["arith"][1][:2]})
+print(lens.usage_table(usage, flex.experts.names))
+
+# %% [markdown]
+# ## Opt-out is exact
+# Opting out `arith` gives the same logits as a merge that never included it.
+
+# %%
+never = flexolmo.merge(public, [owners["code"]], ["code"])
+ids = windows["code"][:2]
+with torch.no_grad(), olmo_lab.experts_off(flex, ["arith"]):
+    diff = (flex(ids).logits - never(ids).logits).abs().max().item()
+print(f"max |logit difference|: {diff:.1e} (<= 1e-6: {diff <= 1e-6})")
+
+# %% [markdown]
+# ## The shipped `flexolmo-lab`: the full results table
+# Built by `make lab-models` with the same functions at full size (public anchor + four closed
+# domains), and evaluated against the FlexOlmo paper's claims.
+
+# %%
+print(olmo_lab.lab.results_markdown())
