@@ -10,6 +10,7 @@ diff; the committed .ipynb files (with outputs) are what readers open and what n
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ import nbformat
 from nbclient import NotebookClient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+IMAGES = os.path.join(os.path.dirname(HERE), "docs", "images")
 
 
 def parse(source: str) -> nbformat.NotebookNode:
@@ -51,7 +53,21 @@ def build(name: str) -> str:
         cell.metadata.pop("execution", None)
     out = os.path.join(HERE, name + ".ipynb")
     nbformat.write(nb, out)
+    export_figure(nb, name)
     return out
+
+
+def export_figure(nb: nbformat.NotebookNode, name: str) -> None:
+    """Save the first picture of the cell marked `# README figure` as docs/images/<name>.png."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "# README figure" in cell.source:
+            for output in cell.get("outputs", []):
+                png = output.get("data", {}).get("image/png")
+                if png:
+                    os.makedirs(IMAGES, exist_ok=True)
+                    with open(os.path.join(IMAGES, name + ".png"), "wb") as f:
+                        f.write(base64.b64decode(png))
+                    return
 
 
 def main(prefixes: list[str]) -> None:

@@ -156,6 +156,7 @@ masks = {t: olmo_lab.attention.build_mask(1, S, 0, cfg.window(cfg.layer_types.in
          for t in cos_sin}
 print(same(attn_out, attn(x, cos_sin[cfg.layer_types[0]], masks[cfg.layer_types[0]])))
 
+# README figure
 fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
 full_layer = cfg.layer_types.index("full_attention") if "full_attention" in cfg.layer_types else 0
 for ax, layer in zip(axes, (0, full_layer)):

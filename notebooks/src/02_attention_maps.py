@@ -97,6 +97,7 @@ with torch.no_grad():
 print(f"loss on the first copy {loss[:, :23].mean():.2f} nats/token, on the second copy {loss[:, 24:].mean():.2f}: "
       "the model copies")
 
+# README figure
 with trace(model, layers=[layer_i]) as ind_tr:
     model(repeated[:1])
 fig = plots.attention_heatmap(ind_tr.attention[layer_i][0, head_i], [str(i) for i in range(48)],

@@ -43,6 +43,7 @@ mid = cfg.num_hidden_layers // 2
 print(tr.routing[mid].table(max_rows=12))
 
 # %%
+# README figure
 fig = plots.routing_heatmap(tr.routing, names)
 plt.show()
 print(plots.routing_summary(tr.routing, names))

@@ -67,6 +67,7 @@ for domain in closed:
 # A math prompt, with and without the math expert: the top candidates and the KL divergence.
 
 # %%
+# README figure
 prompt = samples["math"][1][:80]
 ids = torch.tensor([tok.encode(prompt)])
 with torch.no_grad():

@@ -20,6 +20,7 @@ import random
 import sysconfig
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 import olmo_lab
@@ -128,6 +129,16 @@ for name in domains:
 print(f"{'':<26}" + "".join(f"{d:>9}" for d in windows))
 for label, values in table.items():
     print(f"{label:<26}" + "".join(f"{v:9.3f}" for v in values.values()))
+
+# README figure
+fig, ax = plt.subplots(figsize=(8, 3))
+width = 0.8 / len(table)
+for i, (label, values) in enumerate(table.items()):
+    ax.bar([d + i * width for d in range(len(windows))], list(values.values()), width, label=label)
+ax.set_xticks([d + 0.4 - width / 2 for d in range(len(windows))], list(windows))
+ax.set_ylabel("held-out bits per byte"); ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+ax.set_title("independently trained experts, merged: each domain improves; opting out undoes it")
+plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # ## Routing

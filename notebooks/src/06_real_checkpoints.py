@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 import olmo_lab
@@ -111,12 +112,23 @@ m = olmo_lab.load_model(sys.argv[1], experts=json.loads(sys.argv[2]))
 print(rss("VmHWM:") - before, sum(p.numel() * p.element_size() for p in m.parameters()))
 """
 names = model.experts.names
+measured = {}
 for keep in (names, names[:3], names[:1]):
     out = subprocess.run([sys.executable, "-c", probe, str(release), json.dumps(keep)], capture_output=True,
                          text=True, check=True).stdout.split()
     peak, weights = int(out[0]), int(out[1])
+    measured[len(keep)] = (peak, weights)
     print(f"{len(keep)} expert(s) kept: weights {weights / 2**20:5.1f} MiB, "
           f"peak load memory within 1.3x of them: {peak <= 1.3 * weights}")
+
+# README figure
+fig, ax = plt.subplots(figsize=(5, 2.6))
+kept = sorted(measured)
+ax.bar([str(k) for k in kept], [measured[k][0] / 2**20 for k in kept], color="#4C72B0", label="peak load memory")
+ax.plot([str(k) for k in kept], [measured[k][1] / 2**20 for k in kept], "o--", color="#C44E52", label="weights kept")
+ax.set_xlabel("experts kept"); ax.set_ylabel("MiB"); ax.legend(fontsize=7)
+ax.set_title("expert-subset loading: memory follows the experts kept", fontsize=9)
+plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # ## The real dolma2 tokenizer
