@@ -217,3 +217,33 @@ def test_legacy_config_with_yarn_matches_transformers(tmp_path):
     assert model.config.rope["sliding_attention"].rope_type == "default"
     ids = _inputs(seq=100)[0]
     assert max_diff(model(ids).logits, load_hf(ckpt)(ids).logits) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    from oracle import char_tokenizer
+    d = make_checkpoint(olmo3_config(eos_token_id=0, pad_token_id=1), tmp_path_factory.mktemp("tok"))
+    char_tokenizer(d)
+    return olmo_lab.load_model(d), olmo_lab.load_tokenizer(d)
+
+
+def test_text_generation_streaming_and_stop_strings(with_tokenizer):
+    model, tok = with_tokenizer
+    text = olmo_lab.generate(model, tok, "Hello", max_new_tokens=20, eos_token_id=[])
+    assert len(tok.encode(text)) == 20
+    pieces = list(olmo_lab.generate(model, tok, "Hello", max_new_tokens=20, stream=True, eos_token_id=[]))
+    assert "".join(pieces) == text and len(pieces) > 1
+    stop = text[5:7]  # a string the greedy continuation is known to produce
+    cut = olmo_lab.generate(model, tok, "Hello", max_new_tokens=20, stop=stop, eos_token_id=[])
+    assert cut == text[:text.index(stop)]
+    streamed = "".join(olmo_lab.generate(model, tok, "Hello", max_new_tokens=20, stop=[stop], stream=True,
+                                         eos_token_id=[]))
+    assert streamed == cut
+    batch = olmo_lab.generate(model, tok, ["Hello", "Hi there"], max_new_tokens=8, eos_token_id=[])
+    assert batch == [olmo_lab.generate(model, tok, p, max_new_tokens=8, eos_token_id=[]) for p in ["Hello", "Hi there"]]
+
+
+def test_zero_new_tokens(with_tokenizer):
+    model, tok = with_tokenizer
+    assert olmo_lab.generate(model, tok, "Hello", max_new_tokens=0) == ""
+    assert olmo_lab.generate(model, None, [5, 6], max_new_tokens=0) == []
