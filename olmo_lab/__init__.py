@@ -19,5 +19,6 @@ from .generate import generate
 from .lab import lab_model
 from .model import OlmoModel
 from .tokenizer import Tokenizer, load_tokenizer
+from .trace import trace  # the function: `with olmo_lab.trace(model) as tr:`
 
 __version__ = "0.1.0"
