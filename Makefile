@@ -33,3 +33,9 @@ test-fast: $(VENV)/.test
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# Rebuild the shipped lab checkpoints (olmo_lab/lab_models/) and lab/RESULTS.md from scratch: about an
+# hour on a 2-core CPU; needs apt-get and npm for the offline corpora. Not part of CI.
+.PHONY: lab-models
+lab-models: $(VENV)/.base
+	$(PY) -m lab.rebuild --preset full --threads 2

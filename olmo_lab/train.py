@@ -1,0 +1,257 @@
+"""Training small models on CPU: a byte-level BPE tokenizer, token streams, and one clear training loop.
+
+    tok = train_bpe_tokenizer(texts, vocab_size=4096)
+    data = TokenStream.from_texts(tok, texts)
+    result = train(model, data, TrainConfig(steps=500, lr=2e-3), eval_data=heldout, checkpoint_dir="run/")
+
+The loop is plain AdamW with linear warm-up and cosine decay, gradient clipping and a tqdm progress
+bar (off with `progress=False`). Batches are a pure function of (seed, step), so a run stopped and
+resumed from its checkpoint continues with exactly the batches it would have seen, and ends with the
+same weights as an uninterrupted run. Hooks let the FlexOlmo recipe (`olmo_lab.flexolmo`) plug in its
+own loss and its gradient masking without a second loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import tokenizers
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .tokenizer import Tokenizer
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+# The pre-tokenizer regex of dolma2 (cl100k_base's, non-possessive), so the lab tokenizer splits text
+# into the same pre-tokens as the real OLMo tokenizer before applying its own, smaller, merge table.
+DOLMA2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+STATE_FILE = "train_state.pt"
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 4096) -> Tokenizer:
+    """A byte-level BPE trained on `texts`, laid out like dolma2: merges first, then EOS and PAD last.
+
+    `vocab_size` counts everything, so ids run 0..vocab_size-1 with `<|endoftext|>` = vocab_size-2 and
+    `<|pad|>` = vocab_size-1 (dolma2: 100257 and 100277 after the 100,256 BPE ranks). Deterministic for
+    the same texts.
+    """
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(DOLMA2_SPLIT), behavior="removed", invert=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size - 2, show_progress=False, special_tokens=[],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    backend.add_special_tokens([tokenizers.AddedToken(EOS, special=True), tokenizers.AddedToken(PAD, special=True)])
+    return Tokenizer(backend, eos_token=EOS, pad_token=PAD, stop_token_ids=(), source="<trained BPE>")
+
+
+def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
+    """(V,) UTF-8 bytes of text each id stands for; special tokens count as 1 (a document break).
+
+    Byte-level BPE writes each byte as one printable character, so a token's byte length is the
+    length of its vocabulary string.
+    """
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    specials = {t.content for t in tok.backend.get_added_tokens_decoder().values()}
+    lengths = torch.zeros(tok.max_token_id + 1, dtype=torch.long)
+    for piece, i in vocab.items():
+        lengths[i] = 1 if piece in specials else len(piece)
+    return lengths
+
+
+# ------------------------------------------------------------------------------------ data
+class TokenStream:
+    """One long 1-D stream of token ids (documents joined by EOS) that hands out training windows."""
+
+    def __init__(self, ids: torch.Tensor):
+        if ids.dim() != 1 or ids.numel() < 2:
+            raise ValueError(f"ids: expected a 1-D tensor of at least 2 token ids, got shape {tuple(ids.shape)}")
+        self.ids = ids
+
+    @classmethod
+    def from_texts(cls, tok: Tokenizer, texts: Sequence[str]) -> "TokenStream":
+        """Encode documents and join them, each followed by EOS."""
+        out = []
+        for row in tok.encode(list(texts)):
+            out.extend(row)
+            out.append(tok.eos_token_id)
+        return cls(torch.tensor(out, dtype=torch.int16 if tok.max_token_id < 2**15 else torch.int32))
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+        """(batch_size, seq_len + 1) int64 windows at random offsets, a pure function of (seed, step)."""
+        if len(self) <= seq_len + 1:
+            raise ValueError(f"the stream has {len(self)} tokens, too few for windows of {seq_len + 1}")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, len(self) - seq_len - 1, (batch_size,), generator=g)
+        return torch.stack([self.ids[s:s + seq_len + 1] for s in starts.tolist()]).long()
+
+    def windows(self, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+        """(N, seq_len + 1) consecutive non-overlapping windows from the start: a fixed evaluation set."""
+        n = (len(self) - 1) // seq_len
+        n = n if max_windows is None else min(n, max_windows)
+        return torch.stack([self.ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).long()
+
+
+def init_weights(model, std: float = 0.02, seed: int | None = None) -> None:
+    """OLMo-style initialisation: every Linear and Embedding weight ~ N(0, std), norm weights 1."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=std)
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of a (B, S + 1) batch."""
+    logits = model(batch[:, :-1]).logits  # (B, S, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def bits_per_byte(model, windows: torch.Tensor, byte_lengths: torch.Tensor, batch_size: int = 16) -> float:
+    """Held-out loss in bits per UTF-8 byte: total cross-entropy / ln 2 / bytes of the predicted text.
+
+    Unlike loss per token, this compares models with different tokenizers, and it is what the
+    results tables report. `windows` is (N, S + 1); positions 1..S are predicted.
+    """
+    was_training = model.training
+    model.eval()
+    nats, n_bytes = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        logits = model(batch[:, :-1]).logits.float()  # (b, S, V)
+        nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        n_bytes += int(byte_lengths[batch[:, 1:]].sum())
+    model.train(was_training)
+    return nats / math.log(2) / n_bytes
+
+
+# ------------------------------------------------------------------------------------ loop
+@dataclass
+class TrainConfig:
+    steps: int
+    lr: float = 1e-3
+    warmup: int = 50  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    batch_size: int = 16
+    seq_len: int = 256
+    seed: int = 0  # selects the batches (and nothing else: initialise the model before calling train)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # {name substring: lr factor}, e.g. routers
+    eval_every: int = 0  # 0: evaluate only at the end (when eval_data is given)
+    eval_windows: int = 32
+    checkpoint_every: int = 0  # 0: save only at the end (when checkpoint_dir is given)
+    progress: bool = True
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of `step` (0-based): linear warm-up, then cosine from lr down to min_lr_ratio * lr."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: list[float] = field(default_factory=list)  # per step, nats/token
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, nats/token)
+
+
+def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStream | None = None,
+          checkpoint_dir: str | os.PathLike | None = None,
+          step_fn: Callable[[object, int], float] | None = None,
+          after_backward: Callable[[object], None] | None = None,
+          on_eval: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train `model` in place for `config.steps` optimizer steps and return the loss history.
+
+    Only parameters with `requires_grad` are optimised. `step_fn(model, step)` replaces the default
+    forward + backward (LM loss on `data.batch(step)`); it must call backward and return the loss.
+    `after_backward(model)` runs before clipping, e.g. to zero the gradients of frozen slices.
+    With `checkpoint_dir`, model, optimizer and history are saved there (`train_state.pt`) every
+    `checkpoint_every` steps and at the end, and a run finding a state there resumes from it.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = {}  # (weight decay, lr factor) -> parameters; matrices decay, norm weights (vectors) do not
+    for name, p in named:
+        factor = next((f for key, f in config.lr_multipliers.items() if key in name), 1.0)
+        groups.setdefault((config.weight_decay if p.dim() >= 2 else 0.0, factor), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr_factor": f} for (wd, f), ps in groups.items()],
+                            lr=config.lr, betas=config.betas)
+    result = TrainResult(steps=config.steps)
+    state_path = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir is not None else None
+    start = 0
+    if state_path is not None and os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        factors = [group["lr_factor"] for group in opt.param_groups]
+        opt.load_state_dict(state["optimizer"])
+        for group, factor in zip(opt.param_groups, factors):  # the schedule's factors come from config, not the file
+            group["lr_factor"] = factor
+        start = state["step"]
+        result.train_loss, result.eval_loss = state["train_loss"], [tuple(e) for e in state["eval_loss"]]
+
+    def default_step(model, step):
+        loss = lm_loss(model, data.batch(step, config.batch_size, config.seq_len, config.seed))
+        loss.backward()
+        return loss.item()
+
+    step_fn = step_fn or default_step
+    model.train()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
+               desc="training", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = config.lr_at(step) * group["lr_factor"]
+        loss = step_fn(model, step)
+        if after_backward is not None:
+            after_backward(model)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        result.train_loss.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{config.lr_at(step):.2e}")
+        done = step + 1
+        if eval_data is not None and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
+            result.eval_loss.append((done, evaluate(model, eval_data, config)))
+            if on_eval is not None:
+                on_eval(done, result.eval_loss[-1][1])
+        if state_path is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0)
+                                       or done == config.steps):
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            tmp = state_path + ".tmp"
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                        "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+                        "config": {k: v for k, v in asdict(config).items() if k not in ("betas", "lr_multipliers")}}, tmp)
+            os.replace(tmp, state_path)
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenStream, config: TrainConfig) -> float:
+    """Mean next-token loss (nats) over the first `config.eval_windows` windows of `data`."""
+    was_training = model.training
+    model.eval()
+    windows = data.windows(config.seq_len, config.eval_windows)
+    losses = [lm_loss(model, windows[i:i + config.batch_size]).item() * len(windows[i:i + config.batch_size])
+              for i in range(0, len(windows), config.batch_size)]
+    model.train(was_training)
+    return sum(losses) / len(windows)

@@ -1,0 +1,264 @@
+"""The lab models: a miniature of the FlexOlmo build pipeline, the training loop, and the shipped checkpoints.
+
+The miniature runs the same library functions as `python -m lab.rebuild` on tiny built-in text and a
+tiny model, so the recipe's guarantees are checked in seconds: upcycle -> independent expert training
+-> merge (shared weights identical, public expert unchanged) -> opt-out equals a merge without the
+expert; router rows from domain embeddings; a resumed training run equals an uninterrupted one.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import olmo_lab
+from olmo_lab.config import OlmoConfig
+from olmo_lab.errors import CheckpointError
+from olmo_lab.flexolmo import (HashedNgramEmbedder, merge, residual_stats, router_rows, shared_state, train_expert,
+                               tune_router, upcycle)
+from olmo_lab.heads import best_head, induction_scores, previous_token_scores
+from olmo_lab.lab import LAB_MODELS, LAB_MODELS_DIR, lab_model
+from olmo_lab.model import OlmoModel
+from olmo_lab.train import (TokenStream, TrainConfig, bits_per_byte, init_weights, token_byte_lengths, train,
+                            train_bpe_tokenizer)
+
+from oracle import load_hf, max_diff
+
+TEXTS = {
+    "public": ["The old house stood at the end of the lane, and the children walked past it every morning on "
+               "their way to school. Nobody had lived there for years. ", "She opened the letter slowly and read "
+               "it twice before she put it down on the kitchen table and looked out of the window. "],
+    "code": ["def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n"
+             "\n    def push(self, x):\n        self.items.append(x)\n", "for i in range(10):\n    if i % 2 == 0:\n"
+             "        print(i)\n    else:\n        continue\n"],
+    "math": ["|- ( ( ph -> ps ) -> ( ( ps -> ch ) -> ( ph -> ch ) ) ) syllogism $p |- ( A e. RR -> ( A + 0 ) = A ) ",
+             "|- ( x = y -> ( ph <-> ps ) ) $p |- ( ( A e. CC /\\ B e. CC ) -> ( A x. B ) = ( B x. A ) ) "],
+}
+CLOSED = ["code", "math"]
+
+
+def tiny_dense(vocab: int) -> OlmoModel:
+    config = OlmoConfig(model_type="olmo3", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"])
+    model = OlmoModel(config)
+    init_weights(model, seed=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    """Tokenizer, streams, a briefly trained public model and two independently trained owners."""
+    torch.manual_seed(0)
+    tok = train_bpe_tokenizer([t * 3 for texts in TEXTS.values() for t in texts], vocab_size=300)
+    streams = {d: TokenStream.from_texts(tok, texts * 4) for d, texts in TEXTS.items()}
+    public = tiny_dense(len(tok))
+    train(public, streams["public"], TrainConfig(steps=4, lr=3e-3, warmup=1, batch_size=4, seq_len=16, progress=False))
+    embedder = HashedNgramEmbedder(32, seed=0)
+    embeddings = torch.stack([embedder.domain(TEXTS[d]) for d in ["public", *CLOSED]])  # (3, H)
+    norms, means = residual_stats(public, streams["public"].windows(16, 4)[:, :-1])
+    owners, rows = {}, {}
+    for i, name in enumerate(CLOSED, start=1):
+        rows[name] = router_rows(embeddings[[0, i]], norms, means, public_margin=2.0)  # (L, 2, H)
+        owner = upcycle(public, name, rows[name])
+        train_expert(owner, streams[name], TrainConfig(steps=3, lr=1e-2, warmup=1, weight_decay=0.0, batch_size=4,
+                                                       seq_len=16, progress=False),
+                     public_negatives=streams["public"], negative_batch_size=2)
+        owners[name] = owner
+    return dict(tok=tok, streams=streams, public=public, owners=owners, rows=rows, embeddings=embeddings,
+                norms=norms, means=means)
+
+
+def test_tokenizer_has_dolma2_style_specials_and_round_trips(pipeline, tmp_path):
+    tok = pipeline["tok"]
+    assert (tok.eos_token, tok.pad_token) == ("<|endoftext|>", "<|pad|>")
+    assert (tok.eos_token_id, tok.pad_token_id) == (len(tok) - 2, len(tok) - 1)
+    text = "def f(x):\n    return x  # ünïcode\n"
+    assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path)
+    assert olmo_lab.load_tokenizer(tmp_path).encode(text) == tok.encode(text)
+    lengths = token_byte_lengths(tok)
+    assert int(lengths[tok.encode(text)].sum()) == len(text.encode("utf-8"))
+
+
+def test_router_rows_come_from_domain_embeddings(pipeline):
+    emb = pipeline["embeddings"]
+    assert torch.equal(emb, torch.stack([HashedNgramEmbedder(32, seed=0).domain(TEXTS[d]) for d in TEXTS]))  # fixed
+    assert not torch.allclose(emb[1], emb[2])  # code and math differ
+    norms, means = pipeline["norms"], pipeline["means"]
+    fresh = upcycle(pipeline["public"], "code", router_rows(emb[[0, 1]], norms))
+    for i, block in enumerate(fresh.model.layers):
+        torch.testing.assert_close(block.mlp.gate.weight, emb[[0, 1]] / norms[i], rtol=0, atol=0)
+        assert block.mlp.top_k == 2 and block.mlp.num_experts == 2
+    # The public margin raises the public row's logit on the mean residual by exactly `margin`.
+    rows = router_rows(emb[[0, 1]], norms, means, public_margin=2.0)
+    plain = router_rows(emb[[0, 1]], norms)
+    torch.testing.assert_close(((rows - plain)[:, 0] * means).sum(-1), torch.full((2,), 2.0))
+    assert torch.equal(rows[:, 1], plain[:, 1])
+
+
+def test_upcycled_model_starts_equal_to_the_public_model(pipeline):
+    public, ids = pipeline["public"], pipeline["streams"]["code"].windows(16, 2)[:, :-1]
+    owner = upcycle(public, "code", pipeline["rows"]["code"])
+    assert max_diff(owner(ids).logits, public(ids).logits) < 1e-5  # both experts are the public FFN
+
+
+def test_owner_training_leaves_everything_public_unchanged(pipeline):
+    public = pipeline["public"]
+    anchor = public.state_dict()
+    for name, owner in pipeline["owners"].items():
+        sd = owner.state_dict()
+        for k, v in shared_state(owner).items():
+            assert torch.equal(v, anchor[k]), k
+        for i in range(public.config.num_hidden_layers):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                assert torch.equal(sd[f"model.layers.{i}.mlp.experts.0.{proj}.weight"],
+                                   anchor[f"model.layers.{i}.mlp.{proj}.weight"])
+                assert not torch.equal(sd[f"model.layers.{i}.mlp.experts.1.{proj}.weight"],
+                                       anchor[f"model.layers.{i}.mlp.{proj}.weight"])  # the expert did train
+            gate = sd[f"model.layers.{i}.mlp.gate.weight"]
+            assert torch.equal(gate[0], pipeline["rows"][name][i, 0])  # r_pub frozen
+            assert not torch.equal(gate[1], pipeline["rows"][name][i, 1])  # r_i trained
+
+
+def test_merge_stacks_experts_and_checks_coordination(pipeline):
+    public, owners = pipeline["public"], pipeline["owners"]
+    merged = merge(public, [owners[n] for n in CLOSED], CLOSED)
+    assert merged.config.expert_names == ["public", *CLOSED]
+    assert merged.config.num_experts_per_tok == 3
+    sd = merged.state_dict()
+    for k, v in shared_state(public).items():
+        assert torch.equal(sd[k], v)
+    for j, name in enumerate(CLOSED, start=1):
+        osd = owners[name].state_dict()
+        assert torch.equal(sd["model.layers.1.mlp.experts.%d.up_proj.weight" % j], osd["model.layers.1.mlp.experts.1.up_proj.weight"])
+        assert torch.equal(sd["model.layers.0.mlp.gate.weight"][j], osd["model.layers.0.mlp.gate.weight"][1])
+    assert torch.equal(sd["model.layers.0.mlp.experts.0.down_proj.weight"], public.state_dict()["model.layers.0.mlp.down_proj.weight"])
+
+    tampered = upcycle(public, "math", pipeline["rows"]["math"])
+    with torch.no_grad():
+        tampered.model.layers[0].self_attn.q_proj.weight.add_(1e-3)
+    with pytest.raises(ValueError, match="shared weight"):
+        merge(public, [owners["code"], tampered], CLOSED)
+
+
+@pytest.mark.parametrize("top_k", [3, 2])
+@pytest.mark.parametrize("j", CLOSED)
+def test_opt_out_equals_a_merge_without_the_expert(pipeline, j, top_k):
+    public, owners = pipeline["public"], pipeline["owners"]
+    merged = merge(public, [owners[n] for n in CLOSED], CLOSED, top_k=top_k)
+    rest = [n for n in CLOSED if n != j]
+    without = merge(public, [owners[n] for n in rest], rest, top_k=min(top_k, len(rest) + 1))
+    ids = torch.cat([pipeline["streams"][d].windows(16, 2)[:, :-1] for d in TEXTS])
+    with torch.no_grad(), olmo_lab.experts_off(merged, [j]):
+        diff = max_diff(merged(ids).logits, without(ids).logits)
+    assert diff <= 1e-6
+
+
+def test_router_tuning_trains_only_router_rows(pipeline):
+    public, owners = pipeline["public"], pipeline["owners"]
+    merged = merge(public, [owners[n] for n in CLOSED], CLOSED)
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    tune_router(merged, pipeline["streams"]["code"], TrainConfig(steps=2, lr=1e-2, warmup=1, weight_decay=0.0,
+                                                                 batch_size=2, seq_len=16, progress=False))
+    for k, v in merged.state_dict().items():
+        assert torch.equal(v, before[k]) != (".mlp.gate." in k), k
+    assert all(p.requires_grad for p in merged.parameters())  # flags restored
+
+
+def test_train_expert_refuses_weight_decay(pipeline):
+    owner = upcycle(pipeline["public"], "code", pipeline["rows"]["code"])
+    with pytest.raises(ValueError, match="weight_decay"):
+        train_expert(owner, pipeline["streams"]["code"], TrainConfig(steps=1, weight_decay=0.1, progress=False))
+
+
+def test_resumed_training_equals_an_uninterrupted_run(pipeline, tmp_path):
+    stream, vocab = pipeline["streams"]["public"], len(pipeline["tok"])
+    config = TrainConfig(steps=6, lr=3e-3, warmup=2, batch_size=4, seq_len=16, checkpoint_every=3, progress=False,
+                         eval_every=3)
+    straight = tiny_dense(vocab)
+    full = train(straight, stream, config, eval_data=stream)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_4(model, step):
+        if step == 4:
+            raise Interrupt
+        batch = stream.batch(step, config.batch_size, config.seq_len, config.seed)
+        loss = olmo_lab.train.lm_loss(model, batch)
+        loss.backward()
+        return loss.item()
+
+    with pytest.raises(Interrupt):
+        train(tiny_dense(vocab), stream, config, eval_data=stream, checkpoint_dir=tmp_path, step_fn=stop_at_4)
+    resumed_model = OlmoModel(straight.config)  # arbitrary weights: the checkpoint overrides them
+    resumed = train(resumed_model, stream, config, eval_data=stream, checkpoint_dir=tmp_path)
+    for (k, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert resumed.train_loss == full.train_loss and resumed.eval_loss == full.eval_loss
+
+
+def test_schedule_warms_up_then_decays():
+    c = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(9) == pytest.approx(1.0)
+    assert c.lr_at(10) == pytest.approx(1.0) and c.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+    assert all(c.lr_at(s) >= c.lr_at(s + 1) for s in range(10, 99))
+
+
+def test_head_scores_find_a_planted_previous_token_head(pipeline):
+    model = tiny_dense(len(pipeline["tok"]))
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    scores = previous_token_scores(model, ids)
+    assert scores.shape == (2, 4) and bool(((scores > 0) & (scores <= 1)).all())
+    ind = induction_scores(model, length=8)
+    assert ind.shape == (2, 4)
+    layer, head, score = best_head(scores)
+    assert score == pytest.approx(float(scores.max()))
+
+
+# ------------------------------------------------------------------------------------ shipped checkpoints
+@pytest.mark.parametrize("name", LAB_MODELS)
+def test_shipped_checkpoint_loads_here_and_in_transformers(name):
+    path = lab_model(name)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json", "README.md"):
+        assert os.path.isfile(os.path.join(path, f)), f
+    model = olmo_lab.load_model(path, dtype=torch.float32)
+    tok = olmo_lab.load_tokenizer(path)
+    tok.check_model_vocab(model.config.vocab_size)
+    samples = json.loads((LAB_MODELS_DIR / "samples.json").read_text(encoding="utf-8"))
+    text = " ".join(s["texts"][0] for s in samples.values())
+    ids = torch.tensor([tok.encode(text)[:model.config.max_position_embeddings]])
+    import transformers
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    hf = load_hf(path, dtype=torch.float32, attn="sdpa")
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, hf(ids).logits) <= 1e-4
+    if model.config.is_moe:
+        assert model.config.expert_names == ["public", "code", "math", "news", "bible"]
+        assert json.load(open(os.path.join(path, "config.json")))["expert_names"] == model.config.expert_names
+    else:
+        assert {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
+        assert model.config.sliding_window < model.config.max_position_embeddings
+
+
+def test_flexolmo_lab_public_expert_is_olmo3_lab():
+    dense = olmo_lab.load_model(lab_model("olmo3-lab"), dtype=torch.float32)
+    flex = olmo_lab.load_model(lab_model("flexolmo-lab"), dtype=torch.float32)
+    d, f = dense.state_dict(), flex.state_dict()
+    for k, v in shared_state(flex).items():
+        assert torch.equal(v, d[k]), k
+    assert torch.equal(f["model.layers.0.mlp.experts.0.gate_proj.weight"], d["model.layers.0.mlp.gate_proj.weight"])
+
+
+def test_shipped_size_is_at_most_40_mb():
+    total = sum(f.stat().st_size for f in LAB_MODELS_DIR.rglob("*") if f.is_file())
+    assert total <= 40 * 10**6, total
+
+
+def test_unknown_lab_model_raises():
+    with pytest.raises(CheckpointError, match="olmo3-lab, flexolmo-lab"):
+        lab_model("nope")
