@@ -36,6 +36,8 @@ def parse(source: str) -> nbformat.NotebookNode:
             nb.cells.append(nbformat.v4.new_code_cell(body))
     for i, cell in enumerate(nb.cells):  # stable ids: no random element ids in the committed files
         cell.id = f"cell-{i:03d}"
+        if cell.cell_type == "code" and "NBVAL_SKIP" in cell.source:  # not run here either (needs the hub)
+            cell.metadata.tags = ["skip-execution"]
     return nb
 
 

@@ -106,12 +106,14 @@ def logit_lens_table(lens: list[list[tuple[str, float]]]) -> str:
 
 @torch.inference_mode()
 def expert_usage(model, tokenizer, texts_by_group: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """{group (e.g. domain): (layers, experts) fraction of its tokens that put each expert in their top-k}."""
+    """{group (e.g. domain): (layers, experts) fraction of its tokens that put each expert in their top-k}.
+
+    Texts longer than the model's context are cut to it."""
     out = {}
     for group, texts in texts_by_group.items():
         total, count = None, 0
         for text in texts:
-            ids = torch.tensor([tokenizer.encode(text)])
+            ids = torch.tensor([tokenizer.encode(text)[:model.config.max_position_embeddings]])
             with trace(model, attention=False, routing=True) as tr:
                 model(ids)
             usage = torch.stack([tr.routing[l].usage() * ids.shape[1] for l in sorted(tr.routing)])

@@ -8,6 +8,7 @@ short deterministic text summary, so a notebook that drives a widget from code
 
 from __future__ import annotations
 
+import io
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -115,18 +116,23 @@ class SwitchboardState:
 
 
 class _WidgetView:
-    """What both widgets share: a text summary, an Output for figures, and an optional echo."""
+    """What both widgets share: a text summary, figures rendered into Image widgets, an optional echo.
+
+    Figures go into `ipywidgets.Image` values (PNG bytes), not into an Output widget, so driving a
+    widget from code adds no cell output beyond the printed summary (nbval compares cell outputs).
+    """
 
     def _show(self, summary: str, make_figures) -> str:
-        from IPython.display import display
-
         self.text.value = f"<pre class='olmo-lab-summary'>{_escape(summary)}</pre>"
         if _in_kernel():  # pictures only where a front end can show them
-            with self.out:
-                self.out.clear_output(wait=True)
-                for fig in make_figures():
-                    display(fig)
-                    plt.close(fig)
+            figures = make_figures()
+            for image, fig in zip(self.images, figures):
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+                plt.close(fig)
+                image.value = buffer.getvalue()
+            for i, image in enumerate(self.images):
+                image.layout.display = None if i < len(figures) else "none"
         if self.echo:
             print(summary)
         return summary
@@ -151,13 +157,13 @@ class ExpertSwitchboard(_WidgetView):
         self.prompt = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%"))
         self.button = w.Button(description="generate", button_style="primary")
         self.text = w.HTML()
-        self.out = w.Output()
+        self.images = [w.Image(format="png"), w.Image(format="png")]  # next-token comparison, routing
         for name, box in self.checkboxes.items():
             box.observe(lambda change, name=name: self._toggle(name, change["new"]), names="value")
         self.mode.observe(lambda change: self._set_mode(change["new"]), names="value")
         self.button.on_click(lambda _button: self.refresh())
         self.widget = w.VBox([w.HBox(list(self.checkboxes.values())), self.mode, self.prompt, self.button,
-                              self.text, self.out])
+                              self.text, w.HBox(self.images)])
         self.widget.add_class("olmo-lab-switchboard")
 
     def _toggle(self, name, on):
@@ -241,10 +247,10 @@ class AttentionExplorer(_WidgetView):
         self.query = w.Dropdown(options=[(f"{i}: {t!r}", i) for i, t in enumerate(self.state.tokens)],
                                 value=self.state.query, description="query")
         self.text = w.HTML()
-        self.out = w.Output()
+        self.images = [w.Image(format="png")]
         for control in (self.layer, self.head, self.query):
             control.observe(lambda _change: self.refresh(), names="value")
-        self.widget = w.VBox([w.HBox([self.layer, self.head, self.query]), self.text, self.out])
+        self.widget = w.VBox([w.HBox([self.layer, self.head, self.query]), self.text, self.images[0]])
         self.widget.add_class("olmo-lab-attention")
 
     def refresh(self) -> str:

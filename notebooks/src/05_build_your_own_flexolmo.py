@@ -142,13 +142,15 @@ plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # ## Routing
-# Which expert each domain's tokens pick (fraction of tokens with the expert in their top-k,
-# averaged over layers).
+# With top-k = all, every token uses every expert; the router only mixes. To see which expert the
+# router *prefers*, merge the same owners with top-1 (still no training) and count each domain's
+# tokens per expert, averaged over layers.
 
 # %%
-usage = lens.expert_usage(flex, tok, {"public": public_heldout, "code": domains["code"][1][:1],
-                                      "arith": domains["arith"][1][:2]})
-print(lens.usage_table(usage, flex.experts.names))
+flex_top1 = flexolmo.merge(public, [owners["code"], owners["arith"]], ["code", "arith"], top_k=1)
+usage = lens.expert_usage(flex_top1, tok, {"public": public_heldout, "code": domains["code"][1],
+                                      "arith": domains["arith"][1][:4]})  # each cut to the 128-token context
+print(lens.usage_table(usage, flex_top1.experts.names))
 
 # %% [markdown]
 # ## Opt-out is exact

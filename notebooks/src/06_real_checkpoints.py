@@ -37,13 +37,15 @@ work = Path(tempfile.mkdtemp(prefix="olmo-lab-06-"))
 # (`public, math, news, academic, code, creative, reddit`; the 2x7B models are `[public, <domain>]`).
 
 # %%
-# NBVAL_SKIP: needs the Hugging Face hub, which the CI machines cannot reach.
+# NBVAL_SKIP
+# Skipped under nbval: needs the Hugging Face hub, which the CI machines cannot reach.
 model = olmo_lab.load_model("allenai/Olmo-3-1025-7B", dtype=torch.bfloat16)
 tok = olmo_lab.load_tokenizer("allenai/Olmo-3-1025-7B")
 print(olmo_lab.generate(model, tok, "Simply put, the theory of relativity states that ", max_new_tokens=40))
 
 # %%
-# NBVAL_SKIP: needs the hub (and about 30 GB of memory in bf16 for two of the seven experts).
+# NBVAL_SKIP
+# Skipped under nbval: needs the hub (and about 30 GB of memory in bf16 for two of the seven experts).
 flex = olmo_lab.load_model("allenai/FlexOlmo-7x7B-1T", dtype=torch.bfloat16, experts=["public", "math"])
 print(flex.experts.names, flex.config.num_experts_per_tok)
 
