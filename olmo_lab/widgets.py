@@ -157,13 +157,15 @@ class ExpertSwitchboard(_WidgetView):
         self.prompt = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%"))
         self.button = w.Button(description="generate", button_style="primary")
         self.text = w.HTML()
-        self.images = [w.Image(format="png"), w.Image(format="png")]  # next-token comparison, routing
+        # the next-token comparison and the routing heatmap, side by side at their natural aspect ratio
+        self.images = [w.Image(format="png", layout=w.Layout(width="auto", height="auto", max_width="48%"))
+                       for _ in range(2)]
         for name, box in self.checkboxes.items():
             box.observe(lambda change, name=name: self._toggle(name, change["new"]), names="value")
         self.mode.observe(lambda change: self._set_mode(change["new"]), names="value")
         self.button.on_click(lambda _button: self.refresh())
         self.widget = w.VBox([w.HBox(list(self.checkboxes.values())), self.mode, self.prompt, self.button,
-                              self.text, w.HBox(self.images)])
+                              self.text, w.HBox(self.images, layout=w.Layout(align_items="flex-start"))])
         self.widget.add_class("olmo-lab-switchboard")
 
     def _toggle(self, name, on):
@@ -247,7 +249,7 @@ class AttentionExplorer(_WidgetView):
         self.query = w.Dropdown(options=[(f"{i}: {t!r}", i) for i, t in enumerate(self.state.tokens)],
                                 value=self.state.query, description="query")
         self.text = w.HTML()
-        self.images = [w.Image(format="png")]
+        self.images = [w.Image(format="png", layout=w.Layout(width="auto", height="auto", max_width="90%"))]
         for control in (self.layer, self.head, self.query):
             control.observe(lambda _change: self.refresh(), names="value")
         self.widget = w.VBox([w.HBox([self.layer, self.head, self.query]), self.text, self.images[0]])

@@ -50,11 +50,14 @@ def lab(tmp_path_factory):
     for nb in ("02_attention_maps.ipynb", "04_expert_toggles.ipynb"):
         shutil.copy(ROOT / "notebooks" / nb, root / nb)
     port, token = _free_port(), secrets.token_hex(16)
+    settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)  # no "get Jupyter news?" pop-up over the widgets
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(root / ".jupyter"),
-           "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
+           "JUPYTER_RUNTIME_DIR": str(root / ".runtime"), "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings")}
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False", "--allow-root",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -71,12 +74,13 @@ def lab(tmp_path_factory):
             raise RuntimeError("JupyterLab did not start within 60 s")
         yield url, token
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +97,34 @@ def browser():
 
 def _open_and_run_all(browser, lab, notebook):
     url, token = lab
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()  # no shared state
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.goto(f"{url}/lab/tree/{notebook}?token={token}")
+    workspace = notebook.split(".")[0]  # a fresh workspace per notebook: only this notebook is open
+    page.goto(f"{url}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}")
     page.wait_for_selector(".jp-Notebook", timeout=60_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
     page.click("text=Run", timeout=10_000)  # the Run menu
     page.click("text=Run All Cells", timeout=10_000)
     return page, errors
+
+
+def _cells_done(page) -> bool:
+    """No cell is queued or running ([*] prompts) and the kernel is idle."""
+    return page.locator(".jp-InputPrompt:has-text('[*]')").count() == 0 and \
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
+
+
+def _wait_for_text(locator, predicate, timeout: float) -> str:
+    end = time.time() + timeout
+    text = ""
+    while time.time() < end:
+        text = locator.inner_text()
+        if predicate(text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting; last text: {text!r}")
 
 
 def _save(page, locator, name):
@@ -120,9 +142,11 @@ def test_expert_switchboard_in_the_browser(lab, browser):
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=150_000)
     board.scroll_into_view_if_needed()
     summary = board.locator(".olmo-lab-summary")
-    summary.wait_for(timeout=30_000)
-    before_text = summary.inner_text()
-    assert before_text.startswith("experts off (opt_out): none"), before_text
+    summary.wait_for(timeout=60_000)
+    # Run All is still going while the widget first shows; the notebook's last widget cell turns every
+    # expert back on, so wait for that state.
+    before_text = _wait_for_text(summary, lambda t: t.startswith("experts off (opt_out): none")
+                                 and _cells_done(page), timeout=180)
     images_before = [board.locator("img").nth(i).get_attribute("src") for i in range(board.locator("img").count())]
     assert len(images_before) == 2  # the next-token comparison and the routing heatmap
 
@@ -135,10 +159,11 @@ def test_expert_switchboard_in_the_browser(lab, browser):
     assert after_text.startswith("experts off (opt_out): math"), after_text
     deadline = time.time() + 30
     images_after = images_before
-    while images_after == images_before and time.time() < deadline:
+    while any(a == b for a, b in zip(images_after, images_before)) and time.time() < deadline:
         time.sleep(0.25)
         images_after = [board.locator("img").nth(i).get_attribute("src") for i in range(board.locator("img").count())]
-    assert len(images_after) == 2 and images_after[1] != images_before[1]  # the routing view was redrawn
+    # both views were redrawn: the next-token comparison and the routing heatmap
+    assert len(images_after) == 2 and all(a != b for a, b in zip(images_after, images_before))
     _save(page, board, "switchboard.png")
     assert not errors, errors
     page.close()
@@ -147,13 +172,19 @@ def test_expert_switchboard_in_the_browser(lab, browser):
 def test_attention_explorer_in_the_browser(lab, browser):
     page, errors = _open_and_run_all(browser, lab, "02_attention_maps.ipynb")
     explorer = page.locator(".olmo-lab-attention").first
-    explorer.wait_for(state="visible", timeout=120_000)
+    try:
+        explorer.wait_for(state="visible", timeout=120_000)
+    except Exception:
+        OUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(OUT / "explorer-failure.png"), full_page=True)
+        raise
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=150_000)
     explorer.scroll_into_view_if_needed()
     image = explorer.locator("img").first
-    image.wait_for(timeout=30_000)
+    image.wait_for(timeout=60_000)
+    summary_before = _wait_for_text(explorer.locator(".olmo-lab-summary"),
+                                    lambda t: "top keys" in t and _cells_done(page), timeout=180)
     before = image.get_attribute("src")
-    summary_before = explorer.locator(".olmo-lab-summary").inner_text()
     explorer.locator("select").nth(1).select_option(index=1)  # another head
     deadline = time.time() + 30
     while image.get_attribute("src") == before and time.time() < deadline:
