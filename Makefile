@@ -26,7 +26,7 @@ lab: $(VENV)/.base
 	$(VENV)/bin/jupyter lab notebooks/
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -p no:cacheprovider --nbval tests $(wildcard notebooks/*.ipynb)
+	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env tests $(wildcard notebooks/*.ipynb)
 
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -q -x tests
