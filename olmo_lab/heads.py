@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import torch
 
+from .trace import trace
+
 
 @torch.no_grad()
 def attention_maps(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, the attention probabilities (B, nh, S, S) of `model` on ids (B, S)."""
-    maps: dict[int, torch.Tensor] = {}
-    layers = model.model.layers
-    for block in layers:
-        block.self_attn.weights_hook = lambda i, probs, *_: maps.__setitem__(i, probs.float())
-    try:
+    """Per layer, the attention probabilities (B, nh, S, S) of `model` on ids (B, S), via `olmo_lab.trace`."""
+    with trace(model, attention=True, routing=False) as tr:
         model(ids)
-    finally:
-        for block in layers:
-            block.self_attn.weights_hook = None
-    return [maps[i] for i in range(len(layers))]
+    attention = tr.attention
+    return [attention[i] for i in range(len(model.model.layers))]
 
 
 def previous_token_scores(model, ids: torch.Tensor) -> torch.Tensor:
