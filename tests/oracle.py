@@ -80,3 +80,12 @@ def char_tokenizer(directory):
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
                                                                   "pad_token": "<|pad|>"}))
     return directory
+
+
+def decode_step_by_step(model, ids, mask, prefix):
+    """Logits of a `prefix`-token prefill then one token at a time through a KV cache, and the cache."""
+    cache = model.new_cache()
+    pieces = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], cache=cache).logits]
+    for i in range(prefix, ids.shape[1]):
+        pieces.append(model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache).logits)
+    return torch.cat(pieces, 1), cache

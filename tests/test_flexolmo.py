@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import olmo_lab
 from olmo_lab.compare import compare_with_transformers
-from oracle import flex_config, load_hf, make_checkpoint, max_diff
+from oracle import decode_step_by_step, flex_config, load_hf, make_checkpoint, max_diff
 
 COMBOS = [(3, 2, False), (3, 2, True), (2, 2, False), (4, 1, False), (7, 7, False)]
 
@@ -71,11 +71,8 @@ def test_cached_decoding_and_greedy_generation(flex_ckpt):
     model = olmo_lab.load_model(flex_ckpt)
     ids, mask = _inputs(seq=16)
     full = model(ids, attention_mask=mask).logits
-    cache = model.new_cache()
-    steps = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits]
-    for i in range(5, 16):
-        steps.append(model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache).logits)
-    assert max_diff(torch.cat(steps, 1), full, mask) <= 1e-5
+    stepped, _ = decode_step_by_step(model, ids, mask, prefix=5)
+    assert max_diff(stepped, full, mask) <= 1e-5
     hf = load_hf(flex_ckpt, attn="sdpa")
     prompt = [7, 8, 9, 10, 11]
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,

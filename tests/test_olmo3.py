@@ -8,7 +8,7 @@ import transformers
 
 import olmo_lab
 from olmo_lab.compare import compare_with_transformers
-from oracle import load_hf, make_checkpoint, max_diff, olmo2_config, olmo3_config
+from oracle import decode_step_by_step, load_hf, make_checkpoint, max_diff, olmo2_config, olmo3_config
 
 YARN = {"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                            "rope_theta": 10000.0, "beta_fast": 32.0, "beta_slow": 1.0},
@@ -80,11 +80,8 @@ def test_cached_decoding_equals_full_forward(olmo3_ckpt):
     model = olmo_lab.load_model(olmo3_ckpt)
     ids, mask = _inputs(seq=30)
     full = model(ids, attention_mask=mask).logits
-    cache = model.new_cache()
-    pieces = [model(ids[:, :7], attention_mask=mask[:, :7], cache=cache).logits]
-    for i in range(7, 30):  # one token at a time, then the positions follow the cache
-        pieces.append(model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache).logits)
-    assert max_diff(torch.cat(pieces, 1), full, mask) <= 1e-5
+    stepped, cache = decode_step_by_step(model, ids, mask, prefix=7)  # positions follow the cache
+    assert max_diff(stepped, full, mask) <= 1e-5
     window = model.config.sliding_window
     for i, t in enumerate(model.config.layer_types):
         assert cache.layer_length(i) == (window - 1 if t == "sliding_attention" else 30)
