@@ -1,7 +1,8 @@
 """The FlexOlmo recipe (Shi et al. 2025, arXiv:2507.07024) as library functions, at any scale.
 
-    rows = router_rows(embedder, public_docs, domain_docs, public_model, public_windows)  # (L, 2, H)
-    owner = upcycle(public_model, "code", rows)            # 2-expert MoE: [frozen public FFN, trainable copy]
+    stats = residual_stats(public_model, public_windows)                      # public, shared by all
+    rows = gaussian_router_rows(stats, [residual_stats(public_model, code_windows).mean])  # (L, 2, H)
+    owner = upcycle(public_model, "code", rows, train_router=False)  # [frozen public FFN, trainable copy]
     train_expert(owner, code_data, TrainConfig(...))       # each data owner alone, on its own data
     flex = merge(public_model, [owner_code, owner_math], ["code", "math"])   # no joint training
     with olmo_lab.experts_off(flex, ["math"]): ...         # opt-out == a merge that never had "math"
@@ -16,11 +17,15 @@ What each step does and why:
    tensors -- its gradient is zeroed after every backward. With weight decay 0 (checked), AdamW then
    never moves it. Every owner therefore trains against the *same* frozen public model: that shared
    coordinate system is what makes independently trained experts mergeable.
-4. Router init (`router_rows`): row i = the mean embedding of domain i's documents from a fixed
-   embedder. The paper uses GritLM-7B; here `HashedNgramEmbedder` (hashed character 3-grams through a
-   fixed seeded random projection), because it is deterministic, needs no download or extra package,
-   and still separates domains by their surface statistics, which is all the init needs: distinct,
-   data-derived starting rows instead of random ones that collapse together.
+4. Router rows from domain embeddings, two ways:
+   - `router_rows`, the paper's: row i = the mean embedding of domain i's documents from a fixed
+     external embedder (the paper: GritLM-7B; here `HashedNgramEmbedder`, hashed character 3-grams
+     through a seeded random projection, deterministic and download-free), scaled per layer;
+   - `gaussian_router_rows`, what the lab models use: the embedder is the public model itself (a
+     document's embedding at layer l = the mean of its feed-forward inputs), and rows S^-1 mu_i make
+     the router a Gaussian classifier of the domain. An external embedder's space has nothing to do
+     with this model's hidden states; at our scale rows from it, trained against the public row only,
+     learned "not public", and after merging one row won nearly every token.
 5. Merge (`merge`): stack [r_pub; r_1..r_n] and [FFN_pub, FFN_1..FFN_n]; shared weights come from the
    public model, and the merge asserts they are bit-identical in every owner's model.
 6. Opt-out: `olmo_lab.experts_off(model, [name])` removes an expert before softmax and top-k, which is
@@ -28,24 +33,26 @@ What each step does and why:
 7. Router tuning (`tune_router`, optional, the paper's "-RT"): only the router rows train, briefly,
    on a small mixed set. It is a small joint step and weakens the strict opt-out guarantee.
 
-No router bias: the paper adds a negative bias b_i to each closed expert's logit, but the released
-checkpoints and transformers' FlexOlmo have no bias, and these checkpoints must load in transformers;
-so the bias is not used at all (nothing to fold).
+The router has no bias term: the paper adds a negative bias b_i to each closed expert's logit, but the
+released checkpoints and transformers' FlexOlmo have none, and these checkpoints must load in
+transformers. So a bias is folded into the row along the residual stream's mean direction, which is
+nearly constant across tokens (`router_rows(public_margin=...)`, `gaussian_router_rows(closed_bias=...)`).
 
-Variant (not in the paper): `train_expert(..., public_negatives=stream)` also shows the *router row*
-(never the expert) batches of public text, so r_i learns "domain i versus public" rather than only
-"domain i"; no closed data is shared. It keeps public text on the public expert after merging.
+Variant (not in the paper): `train_expert(..., public_negatives=stream)` also shows a trainable *router
+row* (never the expert) batches of public text, so r_i learns "domain i versus public" rather than only
+"domain i"; no closed data is shared.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 from .config import FULL, SLIDING, OlmoConfig
 from .model import OlmoModel
+from .trace import trace
 from .train import TokenStream, TrainConfig, TrainResult, lm_loss, train
 
 PUBLIC = "public"
@@ -81,24 +88,31 @@ class HashedNgramEmbedder:
         return self([d[:max_chars] for d in docs[:max_docs]]).mean(dim=0)
 
 
+class ResidualStats(NamedTuple):
+    """Statistics of each layer's feed-forward input h (the residual stream) over some text."""
+
+    norm: torch.Tensor  # (L,) mean |h|
+    mean: torch.Tensor  # (L, H)
+    covariance: torch.Tensor  # (L, H, H)
+
+
 @torch.no_grad()
-def residual_stats(model: OlmoModel, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each layer's feed-forward input h (the residual stream) over `windows` (N, S): mean norm (L,), mean (L, H)."""
+def residual_stats(model: OlmoModel, windows: torch.Tensor, batch_size: int = 16) -> ResidualStats:
+    """Mean norm, mean and covariance of every layer's feed-forward input over `windows` (N, S)."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    norms, means = torch.zeros(L), torch.zeros(L, H)
-
-    def record(i, h):  # h: (N, S, H)
-        norms[i] = h.norm(dim=-1).mean()
-        means[i] = h.reshape(-1, H).mean(dim=0)
-
-    handles = [block.mlp.register_forward_pre_hook(lambda module, args, i=i: record(i, args[0]))
-               for i, block in enumerate(model.model.layers)]
-    try:
-        model(windows)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return norms, means
+    n, norm, total, outer = 0, torch.zeros(L), torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, H, H, dtype=torch.float64)
+    for i in range(0, len(windows), batch_size):
+        with trace(model, attention=False, routing=False, residual=True) as tr:
+            model(windows[i:i + batch_size])
+        for layer in range(L):
+            h = tr.block(layer, "resid_mid").reshape(-1, H).double()  # (B*S, H)
+            norm[layer] += h.norm(dim=-1).sum().float()
+            total[layer] += h.sum(dim=0)
+            outer[layer] += h.T @ h
+        n += h.shape[0]
+    mean = total / n
+    covariance = outer / n - mean[:, :, None] * mean[:, None, :]  # (L, H, H)
+    return ResidualStats(norm / n, mean.float(), covariance.float())
 
 
 def router_rows(embeddings: torch.Tensor, norms: torch.Tensor, means: torch.Tensor | None = None,
@@ -118,6 +132,33 @@ def router_rows(embeddings: torch.Tensor, norms: torch.Tensor, means: torch.Tens
     if public_margin:
         rows[:, 0] += public_margin * means / means.norm(dim=-1, keepdim=True) ** 2
     return rows
+
+
+def gaussian_router_rows(public: ResidualStats, domain_means: Sequence[torch.Tensor], shrinkage: float = 0.1,
+                         closed_bias: float = 0.0) -> torch.Tensor:
+    """(L, 1 + n, H) router rows that make each layer's router a Gaussian domain classifier.
+
+    Treat each domain's feed-forward inputs as Gaussian with its own mean mu_i (`domain_means[i]`,
+    (L, H), measured by the owner on its own data with the frozen public model) and one shared
+    covariance S (the public text's, shrunk towards a multiple of I). Bayes' rule then gives linear
+    logits  h . S^-1 mu_i  -  mu_i . S^-1 mu_i / 2,  so softmax(router) is the posterior P(domain | h).
+    Each row needs only its own domain's mean and public statistics, so owners compute theirs
+    independently and the rows of a merge still form one classifier. A bias-free router cannot add
+    the constant, so it is folded along the public mean m (h . m / |m|^2 is about 1 on every token).
+    closed_bias < 0 adds the paper's negative bias b_i to every closed expert's logit the same way: a
+    prior for the public expert, so a closed expert needs evidence to take a token.
+    """
+    eye = torch.eye(public.mean.shape[-1])
+    scale = public.covariance.diagonal(dim1=-2, dim2=-1).mean(-1)  # (L,)
+    shrunk = (1 - shrinkage) * public.covariance + shrinkage * scale[:, None, None] * eye  # (L, H, H)
+    mus = torch.stack([public.mean, *domain_means], dim=1)  # (L, E, H)
+    # Cholesky, not torch.linalg.solve: with 2 threads, torch 2.13's CPU LU solve fails in MKL (DLASWP).
+    factor = torch.linalg.cholesky(shrunk.double())  # (L, H, H)
+    rows = torch.cholesky_solve(mus.transpose(1, 2).double(), factor).transpose(1, 2).float()  # (L, E, H): S^-1 mu_i
+    constant = -0.5 * (rows * mus).sum(-1)  # (L, E)
+    constant[:, 1:] += closed_bias
+    m = public.mean / (public.mean * public.mean).sum(-1, keepdim=True)  # (L, H): h . m ~ 1
+    return rows + constant[:, :, None] * m[:, None, :]
 
 
 # ------------------------------------------------------------------------------------ upcycling
@@ -141,12 +182,12 @@ def flex_config(dense: OlmoConfig, expert_names: list[str], top_k: int | None = 
                          expert_names=list(expert_names), dtype=None)
 
 
-def upcycle(dense: OlmoModel, expert_name: str, rows: torch.Tensor | None = None) -> OlmoModel:
+def upcycle(dense: OlmoModel, expert_name: str, rows: torch.Tensor | None = None, train_router: bool = True) -> OlmoModel:
     """A 2-expert FlexOlmo [public, expert_name] whose experts both start as `dense`'s FFN.
 
     rows: (L, 2, H) router weights (`router_rows`); None keeps FlexOlmo's no-embedding init,
     trunc_normal(std=0.002, a=-0.006, b=0). The result is frozen with `freeze_shared`, ready for
-    `train_expert`.
+    `train_expert`; train_router=False also keeps the owner's router row where `rows` put it.
     """
     config = flex_config(dense.config, [PUBLIC, expert_name], top_k=2)
     moe = OlmoModel(config)
@@ -165,14 +206,15 @@ def upcycle(dense: OlmoModel, expert_name: str, rows: torch.Tensor | None = None
             block.mlp.gate.weight.data.copy_(rows[i])
         state[f"model.layers.{i}.mlp.gate.weight"] = block.mlp.gate.weight.detach().clone()
     moe.load_state_dict(state, strict=True)
-    freeze_shared(moe)
+    freeze_shared(moe, train_router)
     return moe
 
 
-def freeze_shared(model: OlmoModel) -> None:
-    """Only the non-public experts and the router train; everything inherited from the anchor is frozen."""
+def freeze_shared(model: OlmoModel, train_router: bool = True) -> None:
+    """Only the non-public experts (and the router) train; everything inherited from the anchor is frozen."""
     for name, p in model.named_parameters():
-        p.requires_grad = ".mlp.gate." in name or (".mlp.experts." in name and ".mlp.experts.0." not in name)
+        router = train_router and ".mlp.gate." in name
+        p.requires_grad = router or (".mlp.experts." in name and ".mlp.experts.0." not in name)
 
 
 def mask_public_grads(model: OlmoModel) -> None:

@@ -15,8 +15,8 @@ import torch
 import olmo_lab
 from olmo_lab.config import OlmoConfig
 from olmo_lab.errors import CheckpointError
-from olmo_lab.flexolmo import (HashedNgramEmbedder, merge, residual_stats, router_rows, shared_state, train_expert,
-                               tune_router, upcycle)
+from olmo_lab.flexolmo import (HashedNgramEmbedder, ResidualStats, gaussian_router_rows, merge, residual_stats,
+                               router_rows, shared_state, train_expert, tune_router, upcycle)
 from olmo_lab.heads import best_head, induction_scores, previous_token_scores
 from olmo_lab.lab import LAB_MODELS, LAB_MODELS_DIR, lab_model
 from olmo_lab.model import OlmoModel
@@ -57,17 +57,18 @@ def pipeline():
     train(public, streams["public"], TrainConfig(steps=4, lr=3e-3, warmup=1, batch_size=4, seq_len=16, progress=False))
     embedder = HashedNgramEmbedder(32, seed=0)
     embeddings = torch.stack([embedder.domain(TEXTS[d]) for d in ["public", *CLOSED]])  # (3, H)
-    norms, means = residual_stats(public, streams["public"].windows(16, 4)[:, :-1])
+    stats = residual_stats(public, streams["public"].windows(16, 4)[:, :-1])
+    norms, means = stats.norm, stats.mean
     owners, rows = {}, {}
-    for i, name in enumerate(CLOSED, start=1):
-        rows[name] = router_rows(embeddings[[0, i]], norms, means, public_margin=2.0)  # (L, 2, H)
-        owner = upcycle(public, name, rows[name])
+    for name in CLOSED:  # as lab.rebuild does: Gaussian rows from the owner's own mean, kept fixed
+        own = residual_stats(public, streams[name].windows(16, 4)[:, :-1])
+        rows[name] = gaussian_router_rows(stats, [own.mean], closed_bias=-2.0)  # (L, 2, H)
+        owner = upcycle(public, name, rows[name], train_router=False)
         train_expert(owner, streams[name], TrainConfig(steps=3, lr=1e-2, warmup=1, weight_decay=0.0, batch_size=4,
-                                                       seq_len=16, progress=False),
-                     public_negatives=streams["public"], negative_batch_size=2)
+                                                       seq_len=16, progress=False))
         owners[name] = owner
     return dict(tok=tok, streams=streams, public=public, owners=owners, rows=rows, embeddings=embeddings,
-                norms=norms, means=means)
+                norms=norms, means=means, stats=stats)
 
 
 def test_tokenizer_has_dolma2_style_specials_and_round_trips(pipeline, tmp_path):
@@ -98,6 +99,80 @@ def test_router_rows_come_from_domain_embeddings(pipeline):
     assert torch.equal(rows[:, 1], plain[:, 1])
 
 
+def test_residual_stats_are_the_feed_forward_inputs_moments(pipeline):
+    public, ids = pipeline["public"], pipeline["streams"]["public"].windows(16, 5)[:, :-1]
+    stats = residual_stats(public, ids, batch_size=2)  # batches of 2 windows: the sums must add up
+    with olmo_lab.trace(public, attention=False, residual=True) as tr:
+        public(ids)
+    for layer in range(public.config.num_hidden_layers):
+        h = tr.block(layer, "resid_mid").reshape(-1, public.config.hidden_size).double()  # (N*S, H)
+        torch.testing.assert_close(stats.mean[layer], h.mean(0).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.covariance[layer], torch.cov(h.T, correction=0).float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats.norm[layer], h.norm(dim=-1).mean().float(), rtol=1e-5, atol=1e-5)
+
+
+def gaussian_stats(L=2, H=8, seed=0):
+    """Public ResidualStats with a large common mean component, like a real residual stream."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(L, H, generator=g) + 4.0
+    a = torch.randn(L, H, H, generator=g) / H ** 0.5
+    cov = a @ a.transpose(1, 2) + 0.1 * torch.eye(H)
+    return ResidualStats(mean.norm(dim=-1), mean, cov), g
+
+
+def test_gaussian_router_rows_are_the_bayes_classifier():
+    stats, g = gaussian_stats()
+    mus = [stats.mean + torch.randn(stats.mean.shape, generator=g) for _ in range(3)]
+    rows = gaussian_router_rows(stats, mus, shrinkage=0.0)  # (L, 4, H)
+    assert rows.shape == (2, 4, 8)
+    # On any h with h . m / |m|^2 = 1 the logits are exactly the linear discriminants of Bayes' rule.
+    allm = torch.stack([stats.mean, *mus], dim=1)  # (L, E, H)
+    for layer in range(2):
+        m = stats.mean[layer]
+        h = torch.randn(50, 8, generator=g)
+        h = h - (h @ m)[:, None] * m / (m @ m) + m  # so that h . m / |m|^2 = 1
+        inv = torch.linalg.inv(stats.covariance[layer].double())
+        mu = allm[layer].double()
+        expected = h.double() @ inv @ mu.T - 0.5 * ((mu @ inv) * mu).sum(-1)
+        torch.testing.assert_close((h @ rows[layer].T).double(), expected, rtol=1e-4, atol=1e-4)
+    # The negative bias lowers every closed logit by exactly that much on such h; the public one stays.
+    biased = gaussian_router_rows(stats, mus, shrinkage=0.0, closed_bias=-2.0)
+    shift = h @ (biased[1] - rows[1]).T  # (50, E), last layer's h
+    torch.testing.assert_close(shift, torch.tensor([0.0, -2.0, -2.0, -2.0]).expand(50, 4), rtol=0, atol=1e-4)
+    # Each row needs only its own domain: owners computing theirs alone get the merged rows.
+    for i, mu in enumerate(mus, start=1):
+        alone = gaussian_router_rows(stats, [mu], shrinkage=0.0)
+        torch.testing.assert_close(alone[:, 0], rows[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(alone[:, 1], rows[:, i], rtol=1e-6, atol=1e-6)
+
+
+def test_gaussian_router_rows_route_samples_to_their_domain():
+    stats, g = gaussian_stats(L=1, H=16, seed=1)
+    mus = [stats.mean + 1.5 * torch.randn(stats.mean.shape, generator=g) for _ in range(3)]
+    rows = gaussian_router_rows(stats, mus)[0]  # (4, H), default shrinkage
+    chol = torch.linalg.cholesky(stats.covariance[0])
+    correct = []
+    for e, mu in enumerate([stats.mean, *mus]):
+        h = mu[0] + torch.randn(2000, 16, generator=g) @ chol.T  # samples of domain e
+        correct.append((torch.softmax(h @ rows.T, -1).argmax(-1) == e).float().mean())
+    assert min(correct) > 0.9, correct
+
+
+def test_a_trained_router_row_moves_but_the_public_row_does_not(pipeline):
+    """The paper's variant: r_i trains with the expert (here also on public negatives); r_pub stays frozen."""
+    emb, norms, means = pipeline["embeddings"], pipeline["norms"], pipeline["means"]
+    rows = router_rows(emb[[0, 1]], norms, means, public_margin=2.0)
+    owner = upcycle(pipeline["public"], "code", rows)
+    train_expert(owner, pipeline["streams"]["code"], TrainConfig(steps=3, lr=1e-2, warmup=1, weight_decay=0.0,
+                                                                 batch_size=4, seq_len=16, progress=False),
+                 public_negatives=pipeline["streams"]["public"], negative_batch_size=2)
+    for i, block in enumerate(owner.model.layers):
+        assert torch.equal(block.mlp.gate.weight[0], rows[i, 0])  # r_pub frozen
+        assert not torch.equal(block.mlp.gate.weight[1], rows[i, 1])  # r_i trained
+    shared = shared_state(pipeline["public"])
+    assert all(torch.equal(v, shared[k]) for k, v in shared_state(owner).items())  # negatives touch no shared weight
+
+
 def test_upcycled_model_starts_equal_to_the_public_model(pipeline):
     public, ids = pipeline["public"], pipeline["streams"]["code"].windows(16, 2)[:, :-1]
     owner = upcycle(public, "code", pipeline["rows"]["code"])
@@ -117,9 +192,7 @@ def test_owner_training_leaves_everything_public_unchanged(pipeline):
                                    anchor[f"model.layers.{i}.mlp.{proj}.weight"])
                 assert not torch.equal(sd[f"model.layers.{i}.mlp.experts.1.{proj}.weight"],
                                        anchor[f"model.layers.{i}.mlp.{proj}.weight"])  # the expert did train
-            gate = sd[f"model.layers.{i}.mlp.gate.weight"]
-            assert torch.equal(gate[0], pipeline["rows"][name][i, 0])  # r_pub frozen
-            assert not torch.equal(gate[1], pipeline["rows"][name][i, 1])  # r_i trained
+            assert torch.equal(sd[f"model.layers.{i}.mlp.gate.weight"], pipeline["rows"][name][i])  # router fixed
 
 
 def test_merge_stacks_experts_and_checks_coordination(pipeline):
