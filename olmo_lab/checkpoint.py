@@ -12,6 +12,7 @@ tensor or file, and a failed load leaves nothing half-built behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -279,7 +280,7 @@ def _fused_reader(read_expert, half):
     """One expert's gate, up or down weight from transformers 5's fused (E, 2I, H) / (E, H, I) tensors."""
     def reader(readers):
         t = read_expert(readers)  # (2I, H): [gate; up], or (H, I) for down_proj
-        return t if half is None else t.chunk(2, dim=0)[half]
+        return t if half is None else t.chunk(2, dim=0)[half].clone()  # a copy: a view would keep both halves
     return reader
 
 
@@ -290,8 +291,10 @@ def _checked(name: str, tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
     if tuple(tensor.shape) != shape:
         raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, but the "
                                  f"config implies {shape}")
-    if not bool(torch.isfinite(tensor).all()):
-        raise CorruptCheckpointError(f"tensor {name!r} contains NaN or Inf values")
+    if tensor.numel():
+        low, high = torch.aminmax(tensor)  # NaN and Inf reach min or max; no tensor-sized temporary, unlike isfinite
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise CorruptCheckpointError(f"tensor {name!r} contains NaN or Inf values")
     return tensor
 
 
@@ -367,7 +370,10 @@ def _write_all(directory: str, writers: dict) -> None:
         for tmp in done.values():
             os.remove(tmp)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
     for fname, tmp in done.items():
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the saved files get the usual permissions
         os.replace(tmp, os.path.join(directory, fname))
 
 
