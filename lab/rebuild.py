@@ -301,14 +301,14 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "olmo3-lab's feed-forward, and each closed-domain expert was trained independently by its "
                 f"'data owner' on its own domain only, then all were merged without joint training. Experts, "
                 f"in router order: {', '.join(['public', *names])}; top-k = all ({len(names) + 1}); no router bias "
-                f"(transformers' FlexOlmo has none); {info['moe_params']:,} parameters, bf16. FlexOlmo has full "
+                f"term (transformers' FlexOlmo has none; the paper's negative bias is folded into the router rows); "
+                f"{info['moe_params']:,} parameters, bf16. FlexOlmo has full "
                 f"attention only, so it is trained and evaluated at contexts up to {info['window']} tokens "
                 "(olmo3-lab's window), where it computes exactly what olmo3-lab's layers compute.", "",
                 "## Recipe", "",
                 "1. Public anchor = olmo3-lab.",
                 "2. Per domain: upcycle to 2 experts [public (frozen), copy]; freeze embeddings, attention, norms, "
-                "LM head, the public expert (requires_grad=False) and the public router row (gradient zeroed "
-                "after backward, weight decay 0); top-2 of 2. Router rows from domain embeddings where the "
+                "LM head, the public expert and the router (requires_grad=False); top-2 of 2. Router rows from domain embeddings where the "
                 "fixed embedder is the public model itself (a document's embedding at layer l = the mean of its "
                 "feed-forward inputs; the paper's GritLM-7B is not available offline and its space is unrelated "
                 "to this model's hidden states): with the public text's covariance S, row i = S⁻¹μᵢ with the "

@@ -11,6 +11,8 @@ diff; the committed .ipynb files (with outputs) are what readers open and what n
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 import re
 import sys
@@ -54,9 +56,19 @@ def build(name: str) -> str:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
     out = os.path.join(HERE, name + ".ipynb")
-    nbformat.write(nb, out)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(stable_widget_ids(nbformat.writes(nb), name))
     export_figure(nb, name)
     return out
+
+
+def stable_widget_ids(text: str, name: str) -> str:
+    """The notebook's JSON with each widget's random model id replaced by one derived from its order."""
+    state = json.loads(text).get("metadata", {}).get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    for i, old in enumerate(state):
+        text = text.replace(old, hashlib.md5(f"{name}/{i}".encode()).hexdigest())
+    return text
 
 
 def export_figure(nb: nbformat.NotebookNode, name: str) -> None:

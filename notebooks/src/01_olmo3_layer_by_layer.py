@@ -26,7 +26,7 @@ import olmo_lab
 
 torch.manual_seed(0)
 path = os.environ.get("OLMO_LAB_MODEL") or olmo_lab.lab_model("olmo3-lab")
-model = olmo_lab.load_model(path)
+model = olmo_lab.load_model(path, dtype=torch.float32)  # fp32, so the hand-built parts below must match to 1e-5
 tok = olmo_lab.load_tokenizer(path)
 cfg = model.config
 print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "

@@ -51,7 +51,9 @@ print(plots.routing_summary(tr.routing, names))
 # %% [markdown]
 # ## Which experts each domain uses
 # The fraction of each domain's tokens that put each expert in their top-k, averaged over layers
-# (and for the middle layer). A domain's text should mostly go to its own expert.
+# (and for the middle layer). A domain's text should mostly go to its own expert. In `flexolmo-lab`
+# math and bible text do; code and news text drift to the math expert in the deeper layers (why:
+# `lab/RESULTS.md`, which the last notebook prints) -- routing is the hard part of FlexOlmo.
 
 # %%
 usage = lens.expert_usage(model, tok, samples)

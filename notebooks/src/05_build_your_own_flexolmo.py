@@ -65,31 +65,40 @@ for name, s in streams.items():
 
 # %% [markdown]
 # ## Router rows from domain embeddings
-# Each owner embeds its documents with a fixed embedder (hashed character trigrams through a seeded
-# random projection: deterministic, no download) and averages them. Row 0 is the public domain's.
-# The same vectors go into every layer, scaled by the layer's mean residual norm.
+# The router scores a token by `h · r_i`, where `h` is the residual stream entering the feed-forward.
+# The paper initialises `r_i` with the average document embedding of domain i from an external
+# embedder (GritLM-7B). Here the embedder is the public model itself: a domain's embedding at layer
+# l is the mean of `h` over its text, `μ_i`, which each owner measures alone on its own data. With the
+# public text's covariance `S` (public, so shared by everyone), the rows `S⁻¹μ_i` (plus a constant)
+# make the router a **Gaussian classifier**: softmax of the logits is P(domain | h). A negative bias on
+# closed experts (the paper's `b_i`) makes them earn their tokens.
 
 # %%
-embedder = flexolmo.HashedNgramEmbedder(public.config.hidden_size)
-public_docs = olmo_lab.lab.samples()["public"]["texts"]
-emb = {"public": embedder.domain(public_docs)}
-emb.update({name: embedder.domain(train) for name, (train, _) in domains.items()})
-norms, means = flexolmo.residual_stats(public, heldout["public"].windows(64, 8))
-cos = torch.nn.functional.cosine_similarity
-print("cosine between domain embeddings:",
-      {f"{a}/{b}": round(cos(emb[a], emb[b], dim=0).item(), 2) for a, b in [("public", "code"), ("public", "arith"), ("code", "arith")]})
+stats = flexolmo.residual_stats(public, heldout["public"].windows(64, 8))
+own_means = {name: flexolmo.residual_stats(public, streams[name].windows(64, 16)).mean for name in domains}
+rows = flexolmo.gaussian_router_rows(stats, [own_means["code"], own_means["arith"]], closed_bias=-2.0)  # (L, 3, H)
+probe = {name: heldout[name].windows(64, 4) for name in ["public", "code", "arith"]}
+layer = 1
+print(f"top-1 class of each token at layer {layer}, before any training, as shares of [public, code, arith]:")
+for name, w in probe.items():
+    with olmo_lab.trace(public, attention=False, residual=True) as tr:
+        public(w)
+    h = tr.block(layer, "resid_mid").float()  # (B, S, H)
+    top = (h @ rows[layer].T).argmax(-1).flatten()  # (B*S,)
+    print(f"  {name:>6} text: {[round(x, 2) for x in (torch.bincount(top, minlength=3) / top.numel()).tolist()]}")
 
 # %% [markdown]
 # ## Each owner trains alone
-# Embeddings, attention, norms, the LM head, the public expert and the public router row are frozen;
-# only the owner's expert and router row learn, from the owner's data only.
+# Embeddings, attention, norms, the LM head, the public expert and the router are frozen; only the
+# owner's expert learns, from the owner's data only. Each owner computes its own row alone: it equals
+# that owner's row in the joint `rows` above.
 
 # %%
 config = TrainConfig(steps=60, lr=2e-3, warmup=10, weight_decay=0.0, batch_size=8, seq_len=64, progress=False)
 owners = {}
 for name in domains:
-    rows = flexolmo.router_rows(torch.stack([emb["public"], emb[name]]), norms)
-    owner = flexolmo.upcycle(public, name, rows)
+    own_rows = flexolmo.gaussian_router_rows(stats, [own_means[name]], closed_bias=-2.0)  # (L, 2, H)
+    owner = flexolmo.upcycle(public, name, own_rows, train_router=False)
     result = flexolmo.train_expert(owner, streams[name], config)
     owners[name] = owner
     print(f"{name}: training loss {result.train_loss[0]:.2f} -> {sum(result.train_loss[-10:]) / 10:.2f} nats/token")
