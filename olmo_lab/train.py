@@ -13,11 +13,14 @@ own loss and its gradient masking without a second loop.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+import safetensors
+import safetensors.torch
 import tokenizers
 import torch
 import torch.nn.functional as F
@@ -30,7 +33,7 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 # into the same pre-tokens as the real OLMo tokenizer before applying its own, smaller, merge table.
 DOLMA2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-STATE_FILE = "train_state.pt"
+STATE_FILE = "train_state.safetensors"  # tensors + a JSON header: no pickle to load
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -183,7 +186,7 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
     Only parameters with `requires_grad` are optimised. `step_fn(model, step)` replaces the default
     forward + backward (LM loss on `data.batch(step)`); it must call backward and return the loss.
     `after_backward(model)` runs before clipping, e.g. to zero the gradients of frozen slices.
-    With `checkpoint_dir`, model, optimizer and history are saved there (`train_state.pt`) every
+    With `checkpoint_dir`, model, optimizer and history are saved there (`train_state.safetensors`) every
     `checkpoint_every` steps and at the end, and a run finding a state there resumes from it.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -198,7 +201,7 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
     state_path = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir is not None else None
     start = 0
     if state_path is not None and os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=True)
+        state = _load_state(state_path)
         model.load_state_dict(state["model"])
         factors = [group["lr_factor"] for group in opt.param_groups]
         opt.load_state_dict(state["optimizer"])
@@ -237,12 +240,35 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
                                        or done == config.steps):
             os.makedirs(checkpoint_dir, exist_ok=True)
             tmp = state_path + ".tmp"
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                        "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-                        "config": {k: v for k, v in asdict(config).items() if k not in ("betas", "lr_multipliers")}}, tmp)
+            _save_state(tmp, model, opt, {"step": done, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+                                          "config": asdict(config)})
             os.replace(tmp, state_path)
     model.eval()
     return result
+
+
+def _save_state(path: str, model, opt, info: dict) -> None:
+    """Model and AdamW tensors as safetensors; the step, loss history, config and param groups as JSON."""
+    optim = opt.state_dict()
+    tensors = {f"model/{k}": v.detach().clone() for k, v in model.state_dict().items()}  # clones: no shared storage
+    tensors.update({f"optimizer/{i}/{name}": t.clone() for i, s in optim["state"].items() for name, t in s.items()})
+    info = dict(info, param_groups=optim["param_groups"])
+    safetensors.torch.save_file(tensors, path, metadata={"train_state": json.dumps(info)})
+
+
+def _load_state(path: str) -> dict:
+    """What `_save_state` wrote, as {"model": state dict, "optimizer": state dict, **info}."""
+    with safetensors.safe_open(path, framework="pt") as f:
+        info = json.loads(f.metadata()["train_state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer/"):
+            _, i, name = key.split("/", 2)
+            state.setdefault(int(i), {})[name] = t
+    optimizer = {"state": state, "param_groups": info.pop("param_groups")}
+    model = {k.removeprefix("model/"): t for k, t in tensors.items() if k.startswith("model/")}
+    return dict(info, model=model, optimizer=optimizer)
 
 
 @torch.no_grad()

@@ -271,6 +271,8 @@ def test_resumed_training_equals_an_uninterrupted_run(pipeline, tmp_path):
     for (k, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), k
     assert resumed.train_loss == full.train_loss and resumed.eval_loss == full.eval_loss
+    raw = (tmp_path / olmo_lab.train.STATE_FILE).read_bytes()  # safetensors: an 8-byte length, then a JSON header
+    assert raw[8:9] == b"{" and not raw.startswith(b"PK") and not raw.startswith(b"\x80")  # no zip, no pickle
 
 
 def test_schedule_warms_up_then_decays():
