@@ -18,6 +18,7 @@ weights that are shipped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import time
@@ -137,7 +138,8 @@ def expert_model(p: dict, public: OlmoModel, name: str, rows: torch.Tensor, stre
     cfg = TrainConfig(steps=p["expert_steps"], lr=p["expert_lr"], warmup=min(30, p["expert_steps"] // 5),
                       weight_decay=0.0, batch_size=p["expert_batch"], seq_len=p["window"], seed=SEED,
                       checkpoint_every=50, progress=False)
-    result = train_expert(owner, streams[name]["train"], cfg, checkpoint_dir=work / f"expert-{name}")
+    rows_id = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:10]  # a cached state must come from these rows
+    result = train_expert(owner, streams[name]["train"], cfg, checkpoint_dir=work / f"expert-{name}-{rows_id}")
     log(f"expert {name}: final train loss {mean_tail(result.train_loss):.3f}")
     return bf16_round(owner)
 

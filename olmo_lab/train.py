@@ -202,6 +202,7 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
     start = 0
     if state_path is not None and os.path.exists(state_path):
         state = _load_state(state_path)
+        _check_same_run(state_path, state["config"], asdict(config))
         model.load_state_dict(state["model"])
         factors = [group["lr_factor"] for group in opt.param_groups]
         opt.load_state_dict(state["optimizer"])
@@ -254,6 +255,19 @@ def _save_state(path: str, model, opt, info: dict) -> None:
     tensors.update({f"optimizer/{i}/{name}": t.clone() for i, s in optim["state"].items() for name, t in s.items()})
     info = dict(info, param_groups=optim["param_groups"])
     safetensors.torch.save_file(tensors, path, metadata={"train_state": json.dumps(info)})
+
+
+BOOKKEEPING = {"eval_every", "eval_windows", "checkpoint_every", "progress"}  # may change between a run and its resume
+
+
+def _check_same_run(path: str, saved: dict, current: dict) -> None:
+    """A resume must continue the same run: every setting that shapes the weights must match."""
+    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
+    changed = [k for k in current if k not in BOOKKEEPING and saved.get(k) != current[k]]
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {current[k]!r} now" for k in changed)
+        raise ValueError(f"{path} was written by a different training run ({shown}); "
+                         "use another checkpoint_dir or delete the file to start afresh")
 
 
 def _load_state(path: str) -> dict:

@@ -275,6 +275,21 @@ def test_resumed_training_equals_an_uninterrupted_run(pipeline, tmp_path):
     assert raw[8:9] == b"{" and not raw.startswith(b"PK") and not raw.startswith(b"\x80")  # no zip, no pickle
 
 
+def test_resume_refuses_a_checkpoint_of_another_run(pipeline, tmp_path):
+    stream = pipeline["streams"]["public"]
+    config = TrainConfig(steps=2, lr=3e-3, warmup=1, batch_size=2, seq_len=16, progress=False)
+    train(tiny_dense(len(pipeline["tok"])), stream, config, checkpoint_dir=tmp_path)
+    other = tiny_dense(len(pipeline["tok"]))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"different training run \(lr: 0.003 there, 0.001 now\)"):
+        train(other, stream, TrainConfig(steps=2, lr=1e-3, warmup=1, batch_size=2, seq_len=16, progress=False),
+              checkpoint_dir=tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # the model is left as it was
+    # Bookkeeping settings may change between a run and its resume.
+    train(other, stream, TrainConfig(steps=2, lr=3e-3, warmup=1, batch_size=2, seq_len=16, progress=False,
+                                     eval_every=1), checkpoint_dir=tmp_path)
+
+
 def test_schedule_warms_up_then_decays():
     c = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
     assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(9) == pytest.approx(1.0)
