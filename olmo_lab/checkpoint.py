@@ -360,20 +360,20 @@ def _write_all(directory: str, writers: dict) -> None:
     Nothing is renamed until every file is complete, so a failure (disk full, Ctrl-C) leaves the
     directory as it was: no half-written file and no new shard next to an old config or index.
     """
+    umask = os.umask(0)
+    os.umask(umask)
     done = {}
     try:
         for fname, write in writers.items():
             fd, done[fname] = tempfile.mkstemp(prefix=f".{fname}.", dir=directory)
             os.close(fd)
             write(done[fname])
+            os.chmod(done[fname], 0o666 & ~umask)  # mkstemp made it private; saved files get the usual permissions
     except BaseException:
         for tmp in done.values():
             os.remove(tmp)
         raise
-    umask = os.umask(0)
-    os.umask(umask)
     for fname, tmp in done.items():
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the saved files get the usual permissions
         os.replace(tmp, os.path.join(directory, fname))
 
 

@@ -105,7 +105,7 @@ def residual_stats(model: OlmoModel, windows: torch.Tensor, batch_size: int = 16
         with trace(model, attention=False, routing=False, residual=True) as tr:
             model(windows[i:i + batch_size])
         for layer in range(L):
-            h = tr.block(layer, "resid_mid").reshape(-1, H).double()  # (B*S, H)
+            h = tr.block(layer, "resid_mid").reshape(-1, H).double().cpu()  # (B*S, H)
             norm[layer] += h.norm(dim=-1).sum().float()
             total[layer] += h.sum(dim=0)
             outer[layer] += h.T @ h
@@ -144,7 +144,8 @@ def gaussian_router_rows(public: ResidualStats, domain_means: Sequence[torch.Ten
     logits  h . S^-1 mu_i  -  mu_i . S^-1 mu_i / 2,  so softmax(router) is the posterior P(domain | h).
     Each row needs only its own domain's mean and public statistics, so owners compute theirs
     independently and the rows of a merge still form one classifier. A bias-free router cannot add
-    the constant, so it is folded along the public mean m (h . m / |m|^2 is about 1 on every token).
+    the constant, so it is folded along the public mean m: exact where h . m / |m|^2 = 1, which holds
+    on average on public text and roughly elsewhere (the posterior is then approximate).
     closed_bias < 0 adds the paper's negative bias b_i to every closed expert's logit the same way: a
     prior for the public expert, so a closed expert needs evidence to take a token.
     """
@@ -154,7 +155,10 @@ def gaussian_router_rows(public: ResidualStats, domain_means: Sequence[torch.Ten
     mus = torch.stack([public.mean, *domain_means], dim=1)  # (L, E, H)
     # Cholesky, not torch.linalg.solve: with 2 threads, torch 2.13's CPU LU solve fails in MKL (DLASWP).
     factor = torch.linalg.cholesky(shrunk.double())  # (L, H, H)
-    rows = torch.cholesky_solve(mus.transpose(1, 2).double(), factor).transpose(1, 2).float()  # (L, E, H): S^-1 mu_i
+    # One solve per row, so a row's bits never depend on which other rows were solved with it: the
+    # merge checks that every owner's public row is identical.
+    rows = torch.stack([torch.cholesky_solve(mus[:, e, :, None].double(), factor)[..., 0]
+                        for e in range(mus.shape[1])], dim=1).float()  # (L, E, H): S^-1 mu_i
     constant = -0.5 * (rows * mus).sum(-1)  # (L, E)
     constant[:, 1:] += closed_bias
     m = public.mean / (public.mean * public.mean).sum(-1, keepdim=True)  # (L, H): h . m ~ 1
@@ -237,6 +241,9 @@ def train_expert(model: OlmoModel, data: TokenStream, config: TrainConfig, *,
     if config.weight_decay:
         raise ValueError("train_expert needs weight_decay=0: AdamW's decay would move the frozen public router "
                          "row even though its gradient is zeroed")
+    if public_negatives is not None and not any(b.mlp.gate.weight.requires_grad for b in model.model.layers):
+        raise ValueError("public_negatives train the router rows only, but this model's router is frozen "
+                         "(upcycle(train_router=False)); drop public_negatives or let the router train")
     trainable_experts = [p for b in model.model.layers for e in b.mlp.experts[1:] for p in e.parameters()]
 
     def step_fn(model, step):

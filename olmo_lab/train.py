@@ -200,9 +200,12 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
     result = TrainResult(steps=config.steps)
     state_path = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir is not None else None
     start = 0
+    if checkpoint_dir is not None and os.path.exists(os.path.join(checkpoint_dir, "train_state.pt")):
+        raise ValueError(f"{checkpoint_dir} holds a train_state.pt from an older olmo-lab (a pickle, which is never "
+                         "loaded); delete it to start afresh")
     if state_path is not None and os.path.exists(state_path):
         state = _load_state(state_path)
-        _check_same_run(state_path, state["config"], asdict(config))
+        _check_same_run(state_path, state, asdict(config), [n for n, _ in named])
         model.load_state_dict(state["model"])
         factors = [group["lr_factor"] for group in opt.param_groups]
         opt.load_state_dict(state["optimizer"])
@@ -242,7 +245,7 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
             os.makedirs(checkpoint_dir, exist_ok=True)
             tmp = state_path + ".tmp"
             _save_state(tmp, model, opt, {"step": done, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-                                          "config": asdict(config)})
+                                          "config": asdict(config), "trainable": [n for n, _ in named]})
             os.replace(tmp, state_path)
     model.eval()
     return result
@@ -251,8 +254,10 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
 def _save_state(path: str, model, opt, info: dict) -> None:
     """Model and AdamW tensors as safetensors; the step, loss history, config and param groups as JSON."""
     optim = opt.state_dict()
-    tensors = {f"model/{k}": v.detach().clone() for k, v in model.state_dict().items()}  # clones: no shared storage
-    tensors.update({f"optimizer/{i}/{name}": t.clone() for i, s in optim["state"].items() for name, t in s.items()})
+    tensors = {f"model/{k}": v.detach().clone(memory_format=torch.contiguous_format)  # copies: no shared storage
+               for k, v in model.state_dict().items()}
+    tensors.update({f"optimizer/{i}/{name}": t.clone(memory_format=torch.contiguous_format)
+                    for i, s in optim["state"].items() for name, t in s.items()})
     info = dict(info, param_groups=optim["param_groups"])
     safetensors.torch.save_file(tensors, path, metadata={"train_state": json.dumps(info)})
 
@@ -260,13 +265,16 @@ def _save_state(path: str, model, opt, info: dict) -> None:
 BOOKKEEPING = {"eval_every", "eval_windows", "checkpoint_every", "progress"}  # may change between a run and its resume
 
 
-def _check_same_run(path: str, saved: dict, current: dict) -> None:
-    """A resume must continue the same run: every setting that shapes the weights must match."""
-    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
-    changed = [k for k in current if k not in BOOKKEEPING and saved.get(k) != current[k]]
+def _check_same_run(path: str, state: dict, config: dict, trainable: list[str]) -> None:
+    """A resume must continue the same run: the settings that shape the weights and the trained parameters."""
+    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+    saved = state["config"]
+    changed = [f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in config
+               if k not in BOOKKEEPING and saved.get(k) != config[k]]
+    if state.get("trainable", trainable) != trainable:
+        changed.append("the set of trainable parameters differs")
     if changed:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {current[k]!r} now" for k in changed)
-        raise ValueError(f"{path} was written by a different training run ({shown}); "
+        raise ValueError(f"{path} was written by a different training run ({', '.join(changed)}); "
                          "use another checkpoint_dir or delete the file to start afresh")
 
 

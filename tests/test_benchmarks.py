@@ -21,7 +21,8 @@ def test_decode_profile_splits_wall_time():
     shares = bench.decode_profile(lambda: olmo_lab.generate(model, None, ids, max_new_tokens=4, eos_token_id=[]))
     assert set(shares) == {"matrix products", "other operators", "framework and Python"}
     assert all(0 <= v <= 1 for v in shares.values())
-    assert shares["matrix products"] > 0
+    assert shares["matrix products"] > 0 and shares["other operators"] > 0
+    assert shares["matrix products"] + shares["other operators"] <= 1.0  # operator time fits in the wall time
     assert sum(shares.values()) == pytest.approx(1.0, abs=0.05)
 
 
@@ -49,3 +50,12 @@ def test_results_file_judges_every_target(tmp_path):
                     ("| flexolmo-160M-top2", "top-2 decode vs transformers >= 1.5"): "yes",
                     ("| flexolmo-160M-top2", "top-2 prefill vs transformers >= 1.5"): "yes",
                     ("| flexolmo-160M-top2", "routing capture: within 5%"): "**no**"}
+
+
+def test_a_quick_run_is_not_judged(tmp_path):
+    results = {"quick": True, "date": "2026-11-24", "device": "cpu", "machine": "x86_64", "torch": "2.13.0",
+               "threads": 2, "transformers": "5.24.0", "models": {
+                   "olmo3-150M": {"parameters": 1e7, "weight_bytes": 4e7, "decode b1 fp32 tok/s": [45.0, 40.0]}}}
+    bench.write(results, str(tmp_path))
+    text = (tmp_path / "RESULTS-quick.md").read_text()
+    assert "Not judged" in text and "| olmo3-150M | decode b1 vs transformers" not in text

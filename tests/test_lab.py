@@ -102,10 +102,15 @@ def test_router_rows_come_from_domain_embeddings(pipeline):
 def test_residual_stats_are_the_feed_forward_inputs_moments(pipeline):
     public, ids = pipeline["public"], pipeline["streams"]["public"].windows(16, 5)[:, :-1]
     stats = residual_stats(public, ids, batch_size=2)  # batches of 2 windows: the sums must add up
-    with olmo_lab.trace(public, attention=False, residual=True) as tr:
+    inputs = {}  # the feed-forward inputs, caught independently of olmo_lab.trace
+    handles = [block.mlp.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+               for i, block in enumerate(public.model.layers)]
+    with torch.no_grad():
         public(ids)
+    for handle in handles:
+        handle.remove()
     for layer in range(public.config.num_hidden_layers):
-        h = tr.block(layer, "resid_mid").reshape(-1, public.config.hidden_size).double()  # (N*S, H)
+        h = inputs[layer].reshape(-1, public.config.hidden_size).double()  # (N*S, H)
         torch.testing.assert_close(stats.mean[layer], h.mean(0).float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(stats.covariance[layer], torch.cov(h.T, correction=0).float(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(stats.norm[layer], h.norm(dim=-1).mean().float(), rtol=1e-5, atol=1e-5)
@@ -156,6 +161,13 @@ def test_gaussian_router_rows_route_samples_to_their_domain():
         h = mu[0] + torch.randn(2000, 16, generator=g) @ chol.T  # samples of domain e
         correct.append((torch.softmax(h @ rows.T, -1).argmax(-1) == e).float().mean())
     assert min(correct) > 0.9, correct
+
+
+def test_public_negatives_need_a_trainable_router(pipeline):
+    owner = upcycle(pipeline["public"], "code", pipeline["rows"]["code"], train_router=False)
+    with pytest.raises(ValueError, match="router is frozen"):
+        train_expert(owner, pipeline["streams"]["code"], TrainConfig(steps=1, weight_decay=0.0, progress=False),
+                     public_negatives=pipeline["streams"]["public"])
 
 
 def test_a_trained_router_row_moves_but_the_public_row_does_not(pipeline):
@@ -285,9 +297,19 @@ def test_resume_refuses_a_checkpoint_of_another_run(pipeline, tmp_path):
         train(other, stream, TrainConfig(steps=2, lr=1e-3, warmup=1, batch_size=2, seq_len=16, progress=False),
               checkpoint_dir=tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # the model is left as it was
-    # Bookkeeping settings may change between a run and its resume.
-    train(other, stream, TrainConfig(steps=2, lr=3e-3, warmup=1, batch_size=2, seq_len=16, progress=False,
-                                     eval_every=1), checkpoint_dir=tmp_path)
+    # Bookkeeping settings may change between a run and its resume (which then has nothing left to do).
+    resumed = train(other, stream, TrainConfig(steps=2, lr=3e-3, warmup=1, batch_size=2, seq_len=16, progress=False,
+                                               eval_every=1), checkpoint_dir=tmp_path)
+    assert len(resumed.train_loss) == 2  # the history came from the file
+    # A different set of trainable parameters is another run too, and an old pickle is never loaded.
+    for p in other.model.embed_tokens.parameters():
+        p.requires_grad = False
+    with pytest.raises(ValueError, match="set of trainable parameters differs"):
+        train(other, stream, config, checkpoint_dir=tmp_path)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_state.pt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match="never loaded"):
+        train(tiny_dense(len(pipeline["tok"])), stream, config, checkpoint_dir=tmp_path / "old")
 
 
 def test_schedule_warms_up_then_decays():

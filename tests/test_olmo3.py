@@ -154,10 +154,13 @@ def test_save_model_round_trip_through_transformers(olmo3_ckpt, tmp_path):
     again = olmo_lab.load_model(tmp_path / "saved")
     assert torch.equal(again(ids).logits, model(ids).logits)
     assert again.config == model.config
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in (tmp_path / "saved").iterdir():  # the usual permissions, not mkstemp's private 0600
-        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+    umask = os.umask(0o022)
+    try:
+        olmo_lab.save_model(model, tmp_path / "public")
+    finally:
+        os.umask(umask)
+    for f in (tmp_path / "public").iterdir():  # the usual permissions, not mkstemp's private 0600
+        assert f.stat().st_mode & 0o777 == 0o644, f.name
 
 
 def test_sharded_checkpoints_load_and_save(tmp_path):
