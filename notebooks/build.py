@@ -57,7 +57,7 @@ def build(name: str) -> str:
         cell.metadata.pop("execution", None)
     out = os.path.join(HERE, name + ".ipynb")
     with open(out, "w", encoding="utf-8") as f:
-        f.write(stable_widget_ids(nbformat.writes(nb), name))
+        f.write(stable_widget_ids(nbformat.writes(nb), name) + "\n")
     export_figure(nb, name)
     return out
 
