@@ -55,6 +55,14 @@ def build(name: str) -> str:
         os.environ.update(env_backup)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":  # one stdout block per run of prints, however the kernel flushed them
+            merged = []
+            for output in cell.outputs:
+                if merged and output.output_type == merged[-1].output_type == "stream" and output.name == merged[-1].name:
+                    merged[-1].text += output.text
+                else:
+                    merged.append(output)
+            cell.outputs = merged
     out = os.path.join(HERE, name + ".ipynb")
     with open(out, "w", encoding="utf-8") as f:
         f.write(stable_widget_ids(nbformat.writes(nb), name) + "\n")
@@ -62,13 +70,32 @@ def build(name: str) -> str:
     return out
 
 
+WIDGET_REF = re.compile(r"IPY_MODEL_([0-9a-f]{32})")
+
+
 def stable_widget_ids(text: str, name: str) -> str:
-    """The notebook's JSON with each widget's random model id replaced by one derived from its order."""
-    state = json.loads(text).get("metadata", {}).get("widgets", {}).get(
-        "application/vnd.jupyter.widget-state+json", {}).get("state", {})
-    for i, old in enumerate(state):
+    """The notebook's JSON with each widget's random model id replaced by one derived from its place.
+
+    Widgets are numbered in a fixed order: those shown in cell outputs (in cell order), then the
+    widgets they refer to (breadth first), then any others by their content; the result is written
+    again with sorted keys, so the same notebook gives the same file on every run.
+    """
+    nb = json.loads(text)
+    state = nb.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get(
+        "state", {})
+    queue = [output["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for cell in nb["cells"]
+             for output in cell.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in output.get("data", {})]
+    order = []
+    while queue:
+        wid = queue.pop(0)
+        if wid in state and wid not in order:
+            order.append(wid)
+            queue += WIDGET_REF.findall(json.dumps(state[wid], sort_keys=True))
+    order += sorted((w for w in state if w not in order),
+                    key=lambda w: WIDGET_REF.sub("", json.dumps(state[w], sort_keys=True)))
+    for i, old in enumerate(order):
         text = text.replace(old, hashlib.md5(f"{name}/{i}".encode()).hexdigest())
-    return text
+    return nbformat.writes(nbformat.reads(text, as_version=4))
 
 
 def export_figure(nb: nbformat.NotebookNode, name: str) -> None:
