@@ -100,19 +100,25 @@ class ResidualStats(NamedTuple):
 def residual_stats(model: OlmoModel, windows: torch.Tensor, batch_size: int = 16) -> ResidualStats:
     """Mean norm, mean and covariance of every layer's feed-forward input over `windows` (N, S)."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
-    n, norm, total, outer = 0, torch.zeros(L), torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, H, H, dtype=torch.float64)
+    norm, total = torch.zeros(L, dtype=torch.float64), torch.zeros(L, H, dtype=torch.float64)
+    outer = torch.zeros(L, H, H, dtype=torch.float64)
     for i in range(0, len(windows), batch_size):
         with trace(model, attention=False, routing=False, residual=True) as tr:
             model(windows[i:i + batch_size])
         for layer in range(L):
             h = tr.block(layer, "resid_mid").reshape(-1, H).double().cpu()  # (B*S, H)
-            norm[layer] += h.norm(dim=-1).sum().float()
+            norm[layer] += h.norm(dim=-1).sum()
             total[layer] += h.sum(dim=0)
             outer[layer] += h.T @ h
-        n += h.shape[0]
+    n = windows.numel()  # tokens
     mean = total / n
     covariance = outer / n - mean[:, :, None] * mean[:, None, :]  # (L, H, H)
-    return ResidualStats(norm / n, mean.float(), covariance.float())
+    return ResidualStats((norm / n).float(), mean.float(), covariance.float())
+
+
+def _unit_logit(means: torch.Tensor) -> torch.Tensor:
+    """(L, H) m / |m|^2 for each layer's mean residual m: a row that adds about 1 to every token's logit."""
+    return means / (means * means).sum(-1, keepdim=True)
 
 
 def router_rows(embeddings: torch.Tensor, norms: torch.Tensor, means: torch.Tensor | None = None,
@@ -130,7 +136,7 @@ def router_rows(embeddings: torch.Tensor, norms: torch.Tensor, means: torch.Tens
     """
     rows = embeddings[None] / norms[:, None, None]  # (L, E, H)
     if public_margin:
-        rows[:, 0] += public_margin * means / means.norm(dim=-1, keepdim=True) ** 2
+        rows[:, 0] += public_margin * _unit_logit(means)
     return rows
 
 
@@ -161,8 +167,7 @@ def gaussian_router_rows(public: ResidualStats, domain_means: Sequence[torch.Ten
                         for e in range(mus.shape[1])], dim=1).float()  # (L, E, H): S^-1 mu_i
     constant = -0.5 * (rows * mus).sum(-1)  # (L, E)
     constant[:, 1:] += closed_bias
-    m = public.mean / (public.mean * public.mean).sum(-1, keepdim=True)  # (L, H): h . m ~ 1
-    return rows + constant[:, :, None] * m[:, None, :]
+    return rows + constant[:, :, None] * _unit_logit(public.mean)[:, None, :]
 
 
 # ------------------------------------------------------------------------------------ upcycling
