@@ -271,7 +271,7 @@ def _check_same_run(path: str, state: dict, config: dict, trainable: list[str]) 
     saved = state["config"]
     changed = [f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in config
                if k not in BOOKKEEPING and saved.get(k) != config[k]]
-    if state.get("trainable", trainable) != trainable:
+    if state.get("trainable") != trainable:
         changed.append("the set of trainable parameters differs")
     if changed:
         raise ValueError(f"{path} was written by a different training run ({', '.join(changed)}); "
