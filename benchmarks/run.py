@@ -300,6 +300,23 @@ TARGETS = [  # (model, or None for each of MODELS; figure; what to read off it; 
 ]
 
 
+def _judged(models: dict) -> list[str]:
+    """Table rows judging every target of issue 7 on the models it names."""
+    lines = []
+    for model, r in models.items():
+        for target_model, key, read, bound, sense, wording in TARGETS:
+            if key in r and (model == target_model or (target_model is None and model in MODELS)):
+                v = read(r[key])
+                lines.append(f"| {model} | {wording} {'>=' if sense > 0 else '<='} {bound:g} | {v:.2f} | "
+                             f"{'yes' if sense * (v - bound) >= 0 else '**no**'} |")
+        overhead = r.get("tracing overhead (fraction of prefill time)", {})
+        for k, limit in (("routing capture", 0.05), ("tracing off (after traces were removed)", 0.02)):
+            if k in overhead:  # tracing off: the same code path, so any difference either way is noise
+                ok = overhead[k] <= limit if k == "routing capture" else abs(overhead[k]) <= limit
+                lines.append(f"| {model} | {k}: within {limit:.0%} | {overhead[k]:+.1%} | {'yes' if ok else '**no**'} |")
+    return lines
+
+
 def write(results: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     name = "results-quick.json" if results["quick"] else "results.json"
@@ -339,19 +356,7 @@ def write(results: dict, out: str) -> None:
     if results["quick"]:
         lines += ["Not judged: a quick run uses smaller models than the targets are set for.", ""]
     else:
-        lines += ["| model | target | measured | met |", "|---|---|---|---|"]
-    for model, r in results["models"].items() if not results["quick"] else ():
-        for target_model, key, read, bound, sense, wording in TARGETS:
-            if key in r and (model == target_model or (target_model is None and model in MODELS)):
-                v = read(r[key])
-                lines.append(f"| {model} | {wording} {'>=' if sense > 0 else '<='} {bound:g} | {v:.2f} | "
-                             f"{'yes' if sense * (v - bound) >= 0 else '**no**'} |")
-        routing = r.get("tracing overhead (fraction of prefill time)", {})
-        for k, limit in (("routing capture", 0.05), ("tracing off (after traces were removed)", 0.02)):
-            if k in routing:  # tracing off: the same code path, so any difference either way is noise
-                ok = routing[k] <= limit if k == "routing capture" else abs(routing[k]) <= limit
-                lines.append(f"| {model} | {k}: within {limit:.0%} | {routing[k]:+.1%} | {'yes' if ok else '**no**'} |")
-    lines.append("")
+        lines += ["| model | target | measured | met |", "|---|---|---|---|"] + _judged(results["models"]) + [""]
     path = os.path.join(out, "RESULTS-quick.md" if results["quick"] else "RESULTS.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
