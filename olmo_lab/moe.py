@@ -81,10 +81,14 @@ class MoE(nn.Module):
         T, k = routing.topk_indices.shape
         slots = x.new_zeros(T, k, H)  # each token's k weighted expert outputs
         expert_outputs = {} if self.routing_hook is not None else None
-        for e in routing.topk_indices.unique().tolist():
+        if T == 1:  # one token (batch-1 decoding): its k experts in slot order, no search of the table
+            groups = [(e, x.new_zeros(1, dtype=torch.long), slot)
+                      for slot, e in enumerate(routing.topk_indices[0].tolist())]
+        else:  # each expert once, with the (token, slot) pairs routed to it: (n,), (n,)
+            groups = [(e, *torch.where(routing.topk_indices == e)) for e in routing.topk_indices.unique().tolist()]
+        for e, tokens, slot in groups:
             if e in self.dropped:
                 continue
-            tokens, slot = torch.where(routing.topk_indices == e)  # (n,), (n,)
             y = self.experts[e](x[tokens])  # (n, H)
             if expert_outputs is not None:
                 expert_outputs[e] = (tokens, y)

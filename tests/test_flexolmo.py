@@ -80,6 +80,24 @@ def test_cached_decoding_and_greedy_generation(flex_ckpt):
     assert olmo_lab.generate(model, None, prompt, max_new_tokens=32, eos_token_id=[]) == theirs
 
 
+@pytest.mark.parametrize("toggle", [None, "opt_out", "drop"])
+def test_one_token_steps_match_the_full_forward(flex4, toggle):
+    """Batch-1 decoding routes one token at a time (MoE's one-token path): same logits and routing."""
+    model = olmo_lab.load_model(flex4)
+    ids = _inputs(seq=12)[0][:1]
+    mask = torch.ones_like(ids)
+    if toggle:
+        model.experts.disable(["math"], mode=toggle)
+    routes = []
+    model.model.layers[1].mlp.routing_hook = lambda layer, r, outs: routes.append(r)
+    full = model(ids).logits
+    stepped, _ = decode_step_by_step(model, ids, mask, prefix=1)
+    assert max_diff(stepped, full) <= 1e-5
+    assert torch.equal(torch.cat([r.topk_indices for r in routes[1:]]), routes[0].topk_indices)
+    model.model.layers[1].mlp.routing_hook = None  # the hook-free path computes the same
+    assert max_diff(decode_step_by_step(model, ids, mask, prefix=1)[0], stepped) == 0
+
+
 def test_fused_layout_loads(flex4, tmp_path):
     """transformers 5's in-memory fused layout (gate_up_proj, down_proj) loads to the same model."""
     state = load_file(flex4 / "model.safetensors")
