@@ -40,13 +40,22 @@ CLOSED = ["code", "math", "news", "bible"]
 SEED = 0
 PRESETS = {
     # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
-    "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128,
-                 public_steps=1200, copy_steps=400, public_lr=2e-3, public_batch=16, expert_steps=400, expert_lr=1e-3,
-                 expert_batch=32, stats_windows=64, closed_bias=-2.0, router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
+    "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128, public_batch=16,
+                 # (name, steps, lr, final lr / lr, share of windows repeating a span, span lengths, random tokens?)
+                 public_stages=(("public", 1200, 2e-3, 0.1, 0.1, (129, 129), False),
+                                ("public-copy", 400, 1e-3, 0.1, 0.3, (8, 64), True),
+                                ("public-induction", 500, 3e-3, 1.0, 1.0, (8, 32), True),
+                                ("public-recover", 600, 2e-3, 0.1, 0.2, (8, 32), True)),
+                 expert_steps=400, expert_lr=1e-3, expert_batch=32, stats_windows=64, closed_bias=-2.0,
+                 router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
                  results=ROOT / "lab"),
-    "smoke": dict(hidden=64, layers=4, heads=4, ffn=128, vocab=1024, context=64, window=32,
-                  public_steps=40, copy_steps=10, public_lr=3e-3, public_batch=8, expert_steps=10, expert_lr=2e-3,
-                  expert_batch=8, stats_windows=8, closed_bias=-2.0, router_steps=5, eval_windows=8,
+    "smoke": dict(hidden=64, layers=4, heads=4, ffn=128, vocab=1024, context=64, window=32, public_batch=8,
+                  public_stages=(("public", 40, 3e-3, 0.1, 0.1, (33, 33), False),
+                                 ("public-copy", 10, 1.5e-3, 0.1, 0.3, (8, 16), True),
+                                 ("public-induction", 10, 3e-3, 1.0, 1.0, (8, 16), True),
+                                 ("public-recover", 10, 1.5e-3, 0.1, 0.2, (8, 16), True)),
+                  expert_steps=10, expert_lr=2e-3, expert_batch=8, stats_windows=8, closed_bias=-2.0,
+                  router_steps=5, eval_windows=8,
                   out=ROOT / ".cache" / "lab-smoke" / "lab_models", results=ROOT / ".cache" / "lab-smoke"),
 }
 
@@ -115,16 +124,12 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> OlmoModel:
     model = OlmoModel(config)
     init_weights(model, seed=SEED)
     pool = frequent_tokens(streams["public"]["train"], p["vocab"])
-    stages = [  # (name, steps, lr, share of repeated rows, repeated span lengths, random-token pool)
-        ("public", p["public_steps"], p["public_lr"], 0.1, (p["context"] // 2 + 1,) * 2, None),
-        ("public-copy", p["copy_steps"], p["public_lr"] / 2, 0.3, (8, p["window"] // 2), pool),
-    ]
-    for i, (name, steps, lr, fraction, span, tokens) in enumerate(stages):
-        cfg = TrainConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), batch_size=p["public_batch"],
-                          seq_len=p["context"], seed=SEED + i, eval_every=200, checkpoint_every=100,
-                          progress=False)
-        result = train(model, WithRepeats(streams["public"]["train"].ids, fraction, span, tokens), cfg,
-                       eval_data=streams["public"]["heldout"], checkpoint_dir=work / name,
+    for i, (name, steps, lr, final, fraction, spans, random) in enumerate(p["public_stages"]):
+        cfg = TrainConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), min_lr_ratio=final,
+                          batch_size=p["public_batch"], seq_len=p["context"], seed=SEED + i, eval_every=200,
+                          checkpoint_every=100, progress=False)
+        data = WithRepeats(streams["public"]["train"].ids, fraction, spans, pool if random else None)
+        result = train(model, data, cfg, eval_data=streams["public"]["heldout"], checkpoint_dir=work / name,
                        on_eval=lambda s, l: log(f"{name} step {s}: held-out loss {l:.3f}"))
         log(f"{name}: final train loss {mean_tail(result.train_loss):.3f}, induction score "
             f"{best_head(induction(model, p, streams['public']['train']))[2]:.3f}")
@@ -288,15 +293,18 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 f"{info['prev_head'][2]:.3f}", f"- induction head: layer {info['ind_head'][0]}, head "
                 f"{info['ind_head'][1]}, score {info['ind_head'][2]:.3f}",
                 "- functions: `olmo_lab.heads.previous_token_scores`, `olmo_lab.heads.induction_scores`", "",
-                "## Training", "", f"AdamW (β 0.9/0.95, wd 0.1), warm-up + cosine decay, grad-clip 1.0, batches of "
-                f"{info['public_batch']} × {info['context']} tokens, seed {SEED}, two stages: {info['public_steps']} "
-                f"steps at lr {info['public_lr']} where 10% of the windows are a public-text span written twice; "
-                f"then a copy curriculum of {info['copy_steps']} steps at lr {info['public_lr'] / 2} where 30% of the "
-                f"windows are a span of 8-{info['window'] // 2} random tokens (drawn from the 1,000 most frequent public "
-                "tokens) repeated to fill the window, and the rest public text. Without it no induction head formed "
-                "in our budget (score 0.011 after stage 1; natural-text repeats alone gave 0.016), so this head was "
-                "meant to be trained in by a synthetic task. In the shipped run it did not form (best score 0.031); "
-                "see lab/RESULTS.md."]
+                "## Training", "", f"AdamW (β 0.9/0.95, wd 0.1), grad-clip 1.0, batches of {info['public_batch']} × "
+                f"{info['context']} tokens, seed {SEED}, in stages (each a warm-up, then cosine decay to the final lr). "
+                "Some windows are one span written again and again: a span of public text, or random tokens drawn "
+                "from the 1,000 most frequent public tokens.", "",
+                "| stage | steps | lr | final lr | windows repeating a span | span lengths (tokens) |",
+                "|---|---|---|---|---|---|",
+                *[f"| {name} | {steps} | {lr:g} | {lr * final:g} | {fraction:.0%} ({'random tokens' if random else 'text'}) "
+                  f"| {spans[0]}-{spans[1]} |" for name, steps, lr, final, fraction, spans, random in info["public_stages"]],
+                "", "Natural-text repeats alone gave no induction head in our budget (score 0.011 after the first "
+                "stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of the copy "
+                "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
+                "brings the text loss back while still practising copying."]
     else:
         head = ["# flexolmo-lab", "",
                 "A small **FlexOlmo** model built by olmo-lab with the FlexOlmo recipe: the public expert is "

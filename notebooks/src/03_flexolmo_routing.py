@@ -52,7 +52,7 @@ print(plots.routing_summary(tr.routing, names))
 # ## Which experts each domain uses
 # The fraction of each domain's tokens that put each expert in their top-k, averaged over layers
 # (and for the middle layer). A domain's text should mostly go to its own expert. In `flexolmo-lab`
-# math and bible text do; code and news text drift to the math expert in the deeper layers (why:
+# math and bible text do; code text (and part of the news text) drifts to the math expert in the deeper layers (why:
 # `lab/RESULTS.md`, which the last notebook prints) -- routing is the hard part of FlexOlmo.
 
 # %%
