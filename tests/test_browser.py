@@ -185,7 +185,8 @@ def test_attention_explorer_in_the_browser(lab, browser):
     summary_before = _wait_for_text(explorer.locator(".olmo-lab-summary"),
                                     lambda t: "top keys" in t and _cells_done(page), timeout=180)
     before = image.get_attribute("src")
-    explorer.locator("select").nth(1).select_option(index=1)  # another head
+    heads = explorer.locator("select").nth(1)
+    heads.select_option(index=(heads.evaluate("s => s.selectedIndex") + 1) % heads.evaluate("s => s.length"))
     deadline = time.time() + 30
     while image.get_attribute("src") == before and time.time() < deadline:
         time.sleep(0.25)
