@@ -53,6 +53,9 @@ def lab(tmp_path_factory):
     settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)  # no "get Jupyter news?" pop-up over the widgets
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    tracker = root / ".settings" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)  # no "Select Kernel" dialog when the kernel list arrives late
+    (tracker / "tracker.jupyterlab-settings").write_text('{"autoStartDefaultKernel": true}')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(root / ".jupyter"),
            "JUPYTER_RUNTIME_DIR": str(root / ".runtime"), "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings")}
     server = subprocess.Popen(
@@ -104,10 +107,44 @@ def _open_and_run_all(browser, lab, notebook):
     workspace = notebook.split(".")[0]  # a fresh workspace per notebook: only this notebook is open
     page.goto(f"{url}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}")
     page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    page.wait_for_selector(".jp-Toolbar-kernelName:has-text('Python 3')", timeout=60_000)  # a kernel is attached
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-    page.click("text=Run", timeout=10_000)  # the Run menu
-    page.click("text=Run All Cells", timeout=10_000)
-    return page, errors
+    # A Run All sent while the kernel is still settling can be dropped (every prompt back to "[ ]", nothing
+    # runs), so the run counts as started only once a prompt shows "[*]"; a dropped one is resent.
+    for _ in range(3):
+        page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=10_000)  # exactly the Run menu
+        page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=10_000)
+        try:
+            page.wait_for_function("""() => [...document.querySelectorAll('.jp-InputPrompt')]
+                                         .some(p => p.textContent.includes('[*]'))""", timeout=30_000)
+            return page, errors
+        except Exception:
+            continue
+    raise AssertionError(f"Run All Cells never started executing {notebook}; errors {errors!r}")
+
+
+def _wait_for_widget(page, selector: str, errors: list, timeout: float = 300):
+    """The first rendered widget matching `selector`; on a timeout, says what the notebook showed instead:
+    the kernel state, any dialog, the last outputs and the console errors, plus a full-page screenshot.
+    """
+    widget = page.locator(selector).first
+    end = time.time() + timeout
+    while time.time() < end:
+        if widget.count() and widget.is_visible():
+            return widget
+        time.sleep(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    shot = OUT / f"failure-{selector.strip('.')}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status")
+    dialogs = page.locator(".jp-Dialog").all_inner_texts()
+    outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+    running = page.locator(".jp-InputPrompt:has-text('[*]')").count()
+    raise AssertionError(
+        f"{selector} never became visible in {timeout:.0f} s; kernel status {status!r}, "
+        f"{running} cells queued or running, "
+        f"dialogs {dialogs!r}, last outputs {[o[-300:] for o in outputs[-3:]]!r}, errors {errors!r}; "
+        f"screenshot {shot}")
 
 
 def _cells_done(page) -> bool:
@@ -137,16 +174,15 @@ def _save(page, locator, name):
 
 def test_expert_switchboard_in_the_browser(lab, browser):
     page, errors = _open_and_run_all(browser, lab, "04_expert_toggles.ipynb")
-    board = page.locator(".olmo-lab-switchboard").first
-    board.wait_for(state="visible", timeout=120_000)  # a rendered widget, not the plain-text fallback
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=150_000)
+    board = _wait_for_widget(page, ".olmo-lab-switchboard", errors)  # a rendered widget, not the text fallback
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=600_000)  # a slow shared machine
     board.scroll_into_view_if_needed()
     summary = board.locator(".olmo-lab-summary")
     summary.wait_for(timeout=60_000)
     # Run All is still going while the widget first shows; the notebook's last widget cell turns every
     # expert back on, so wait for that state.
     before_text = _wait_for_text(summary, lambda t: t.startswith("experts off (opt_out): none")
-                                 and _cells_done(page), timeout=180)
+                                 and _cells_done(page), timeout=600)
     images_before = [board.locator("img").nth(i).get_attribute("src") for i in range(board.locator("img").count())]
     assert len(images_before) == 2  # the next-token comparison and the routing heatmap
 
@@ -171,19 +207,13 @@ def test_expert_switchboard_in_the_browser(lab, browser):
 
 def test_attention_explorer_in_the_browser(lab, browser):
     page, errors = _open_and_run_all(browser, lab, "02_attention_maps.ipynb")
-    explorer = page.locator(".olmo-lab-attention").first
-    try:
-        explorer.wait_for(state="visible", timeout=120_000)
-    except Exception:
-        OUT.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(OUT / "explorer-failure.png"), full_page=True)
-        raise
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=150_000)
+    explorer = _wait_for_widget(page, ".olmo-lab-attention", errors)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=600_000)  # a slow shared machine
     explorer.scroll_into_view_if_needed()
     image = explorer.locator("img").first
     image.wait_for(timeout=60_000)
     summary_before = _wait_for_text(explorer.locator(".olmo-lab-summary"),
-                                    lambda t: "top keys" in t and _cells_done(page), timeout=180)
+                                    lambda t: "top keys" in t and _cells_done(page), timeout=600)
     before = image.get_attribute("src")
     heads = explorer.locator("select").nth(1)
     heads.select_option(index=(heads.evaluate("s => s.selectedIndex") + 1) % heads.evaluate("s => s.length"))
