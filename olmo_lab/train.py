@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import safetensors
@@ -143,6 +143,9 @@ def bits_per_byte(model, windows: torch.Tensor, byte_lengths: torch.Tensor, batc
 
 
 # ------------------------------------------------------------------------------------ loop
+STOP_WINDOW = 20  # steps averaged for `TrainConfig.stop_below`
+
+
 @dataclass
 class TrainConfig:
     steps: int
@@ -159,6 +162,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (when eval_data is given)
     eval_windows: int = 32
     checkpoint_every: int = 0  # 0: save only at the end (when checkpoint_dir is given)
+    stop_below: float = 0.0  # stop early once the mean train loss of the last 20 steps is below this; 0: never
     progress: bool = True
 
     def lr_at(self, step: int) -> float:
@@ -171,7 +175,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # steps taken (fewer than configured when the run stopped early)
     train_loss: list[float] = field(default_factory=list)  # per step, nats/token
     eval_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, nats/token)
 
@@ -188,6 +192,8 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
     `after_backward(model)` runs before clipping, e.g. to zero the gradients of frozen slices.
     With `checkpoint_dir`, model, optimizer and history are saved there (`train_state.safetensors`) every
     `checkpoint_every` steps and at the end, and a run finding a state there resumes from it.
+    With `config.stop_below`, training ends as soon as the recent train loss is below it (e.g. once a
+    curriculum task is learned), evaluating and saving there; resuming a run that stopped does nothing.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -211,7 +217,7 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
         opt.load_state_dict(state["optimizer"])
         for group, factor in zip(opt.param_groups, factors):  # the schedule's factors come from config, not the file
             group["lr_factor"] = factor
-        start = state["step"]
+        start = config.steps if state.get("stopped") else state["step"]  # a run that stopped early is done
         result.train_loss, result.eval_loss = state["train_loss"], [tuple(e) for e in state["eval_loss"]]
 
     def default_step(model, step):
@@ -236,17 +242,23 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
         result.train_loss.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{config.lr_at(step):.2e}")
         done = step + 1
-        if eval_data is not None and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
+        tail = result.train_loss[-STOP_WINDOW:]
+        stopped = bool(config.stop_below) and len(tail) == STOP_WINDOW and sum(tail) / STOP_WINDOW < config.stop_below
+        last = stopped or done == config.steps
+        if eval_data is not None and ((config.eval_every and done % config.eval_every == 0) or last):
             result.eval_loss.append((done, evaluate(model, eval_data, config)))
             if on_eval is not None:
                 on_eval(done, result.eval_loss[-1][1])
-        if state_path is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0)
-                                       or done == config.steps):
+        if state_path is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0) or last):
             os.makedirs(checkpoint_dir, exist_ok=True)
             tmp = state_path + ".tmp"
-            _save_state(tmp, model, opt, {"step": done, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-                                          "config": asdict(config), "trainable": [n for n, _ in named]})
+            _save_state(tmp, model, opt, {"step": done, "stopped": stopped, "train_loss": result.train_loss,
+                                          "eval_loss": result.eval_loss, "config": asdict(config),
+                                          "trainable": [n for n, _ in named]})
             os.replace(tmp, state_path)
+        if stopped:
+            break
+    result.steps = len(result.train_loss)
     model.eval()
     return result
 
@@ -268,7 +280,10 @@ BOOKKEEPING = {"eval_every", "eval_windows", "checkpoint_every", "progress"}  # 
 def _check_same_run(path: str, state: dict, config: dict, trainable: list[str]) -> None:
     """A resume must continue the same run: the settings that shape the weights and the trained parameters."""
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
-    saved = state["config"]
+    # A setting added to TrainConfig after the state was written had its default value in that run.
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)
+                if f.default is not MISSING or f.default_factory is not MISSING}
+    saved = json.loads(json.dumps({**defaults, **state["config"]}))
     changed = [f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in config
                if k not in BOOKKEEPING and saved.get(k) != config[k]]
     if state.get("trainable") != trainable:

@@ -8,6 +8,7 @@ expert; router rows from domain embeddings; a resumed training run equals an uni
 
 import json
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -287,6 +288,28 @@ def test_resumed_training_equals_an_uninterrupted_run(pipeline, tmp_path):
     assert raw[8:9] == b"{" and not raw.startswith(b"PK") and not raw.startswith(b"\x80")  # no zip, no pickle
 
 
+def test_training_stops_once_the_recent_loss_is_below_the_threshold(pipeline, tmp_path):
+    stream, vocab = pipeline["streams"]["public"], len(pipeline["tok"])
+    base = dict(lr=3e-3, warmup=2, min_lr_ratio=1.0, batch_size=4, seq_len=16, progress=False)  # lr constant after warm-up
+    full = train(tiny_dense(vocab), stream, TrainConfig(steps=60, **base))
+    window = olmo_lab.train.STOP_WINDOW
+    threshold = sum(full.train_loss[25 - window:25]) / window + 1e-6  # reached at step 25 at the latest
+    means = [sum(full.train_loss[d - window:d]) / window for d in range(window, 61)]
+    expected = window + next(i for i, m in enumerate(means) if m < threshold)  # the first step whose mean is below
+    stopped_model = tiny_dense(vocab)
+    stopped = train(stopped_model, stream, TrainConfig(steps=60, stop_below=threshold, **base), eval_data=stream,
+                    checkpoint_dir=tmp_path)
+    assert stopped.steps == expected < 60 and stopped.train_loss == full.train_loss[:expected]
+    assert [s for s, _ in stopped.eval_loss] == [expected]  # evaluated where it stopped
+    same = tiny_dense(vocab)  # a run configured to end there has the same weights (constant lr)
+    train(same, stream, TrainConfig(steps=expected, **base))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), stopped_model.state_dict().values()))
+    again = tiny_dense(vocab)  # resuming a run that stopped loads it and trains no further
+    resumed = train(again, stream, TrainConfig(steps=60, stop_below=threshold, **base), checkpoint_dir=tmp_path)
+    assert resumed.train_loss == stopped.train_loss
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), stopped_model.state_dict().values()))
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(pipeline, tmp_path):
     stream = pipeline["streams"]["public"]
     config = TrainConfig(steps=2, lr=3e-3, warmup=1, batch_size=2, seq_len=16, progress=False)
@@ -310,6 +333,15 @@ def test_resume_refuses_a_checkpoint_of_another_run(pipeline, tmp_path):
     (tmp_path / "old" / "train_state.pt").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ValueError, match="never loaded"):
         train(tiny_dense(len(pipeline["tok"])), stream, config, checkpoint_dir=tmp_path / "old")
+
+
+def test_a_state_from_before_a_setting_existed_resumes_when_the_setting_is_at_its_default():
+    config = asdict(TrainConfig(steps=2))
+    older = {k: v for k, v in config.items() if k != "stop_below"}  # written before stop_below existed
+    olmo_lab.train._check_same_run("state", {"config": older, "trainable": ["w"]}, config, ["w"])
+    with pytest.raises(ValueError, match=r"stop_below: 0.0 there, 1.5 now"):
+        olmo_lab.train._check_same_run("state", {"config": older, "trainable": ["w"]},
+                                       asdict(TrainConfig(steps=2, stop_below=1.5)), ["w"])
 
 
 def test_schedule_warms_up_then_decays():
