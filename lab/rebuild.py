@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,22 +39,40 @@ from olmo_lab.train import (TokenStream, TrainConfig, bits_per_byte, init_weight
 ROOT = Path(__file__).resolve().parent.parent
 CLOSED = ["code", "math", "news", "bible"]
 SEED = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the public model's training: warm-up, then cosine decay from lr to final_ratio * lr."""
+    name: str
+    steps: int  # at most this many
+    lr: float
+    final_ratio: float = 0.1
+    repeat: float = 0.1  # share of the windows that write one span again and again
+    spans: tuple[int, int] = (8, 32)  # span lengths (tokens), drawn per window
+    random: bool = False  # spans of random frequent tokens instead of the window's own text
+    stop_below: float = 0.0  # end the stage once its train loss is below this (0: run every step)
+
+
 PRESETS = {
     # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
     "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128, public_batch=16,
-                 # (name, steps, lr, final lr / lr, share of windows repeating a span, span lengths, random tokens?)
-                 public_stages=(("public", 1200, 2e-3, 0.1, 0.1, (129, 129), False),
-                                ("public-copy", 400, 1e-3, 0.1, 0.3, (8, 64), True),
-                                ("public-induction", 500, 3e-3, 1.0, 1.0, (8, 32), True),
-                                ("public-recover", 600, 2e-3, 0.1, 0.2, (8, 32), True)),
+                 # The induction head forms in a sudden drop of the copy loss whose timing varies with float noise
+                 # across machines, so that stage runs until the drop has happened (loss < 0.9), not a fixed count.
+                 public_stages=(Stage("public", 1200, 2e-3, spans=(129, 129)),
+                                Stage("public-copy", 400, 1e-3, repeat=0.3, spans=(8, 64), random=True),
+                                Stage("public-induction", 1200, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
+                                      stop_below=0.9),
+                                Stage("public-recover", 600, 2e-3, repeat=0.2, random=True)),
                  expert_steps=400, expert_lr=1e-3, expert_batch=32, stats_windows=64, closed_bias=-2.0,
                  router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
                  results=ROOT / "lab"),
     "smoke": dict(hidden=64, layers=4, heads=4, ffn=128, vocab=1024, context=64, window=32, public_batch=8,
-                  public_stages=(("public", 40, 3e-3, 0.1, 0.1, (33, 33), False),
-                                 ("public-copy", 10, 1.5e-3, 0.1, 0.3, (8, 16), True),
-                                 ("public-induction", 10, 3e-3, 1.0, 1.0, (8, 16), True),
-                                 ("public-recover", 10, 1.5e-3, 0.1, 0.2, (8, 16), True)),
+                  public_stages=(Stage("public", 40, 3e-3, spans=(33, 33)),
+                                 Stage("public-copy", 10, 1.5e-3, repeat=0.3, spans=(8, 16), random=True),
+                                 Stage("public-induction", 10, 3e-3, final_ratio=1.0, repeat=1.0, spans=(8, 16),
+                                       random=True, stop_below=0.5),
+                                 Stage("public-recover", 10, 1.5e-3, repeat=0.2, spans=(8, 16), random=True)),
                   expert_steps=10, expert_lr=2e-3, expert_batch=8, stats_windows=8, closed_bias=-2.0,
                   router_steps=5, eval_windows=8,
                   out=ROOT / ".cache" / "lab-smoke" / "lab_models", results=ROOT / ".cache" / "lab-smoke"),
@@ -115,8 +134,9 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ stages
-def public_model(p: dict, tok, streams: dict, work: Path) -> OlmoModel:
-    """The dense OLMo 3 anchor: 3 sliding-window layers + 1 full-attention layer, trained on the public mix."""
+def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, list[int]]:
+    """The dense OLMo 3 anchor (3 sliding-window layers + 1 full-attention layer) trained on the public mix,
+    and the number of steps each stage took."""
     config = OlmoConfig(model_type="olmo3", vocab_size=p["vocab"], hidden_size=p["hidden"],
                         intermediate_size=p["ffn"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
                         max_position_embeddings=p["context"], sliding_window=p["window"],
@@ -124,16 +144,19 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> OlmoModel:
     model = OlmoModel(config)
     init_weights(model, seed=SEED)
     pool = frequent_tokens(streams["public"]["train"], p["vocab"])
-    for i, (name, steps, lr, final, fraction, spans, random) in enumerate(p["public_stages"]):
-        cfg = TrainConfig(steps=steps, lr=lr, warmup=min(100, steps // 10), min_lr_ratio=final,
-                          batch_size=p["public_batch"], seq_len=p["context"], seed=SEED + i, eval_every=200,
-                          checkpoint_every=100, progress=False)
-        data = WithRepeats(streams["public"]["train"].ids, fraction, spans, pool if random else None)
-        result = train(model, data, cfg, eval_data=streams["public"]["heldout"], checkpoint_dir=work / name,
-                       on_eval=lambda s, l: log(f"{name} step {s}: held-out loss {l:.3f}"))
-        log(f"{name}: final train loss {mean_tail(result.train_loss):.3f}, induction score "
-            f"{best_head(induction(model, p, streams['public']['train']))[2]:.3f}")
-    return bf16_round(model)
+    taken = []
+    for i, stage in enumerate(p["public_stages"]):
+        cfg = TrainConfig(steps=stage.steps, lr=stage.lr, warmup=min(100, stage.steps // 10),
+                          min_lr_ratio=stage.final_ratio, batch_size=p["public_batch"], seq_len=p["context"],
+                          seed=SEED + i, eval_every=200, checkpoint_every=100, progress=False,
+                          stop_below=stage.stop_below)
+        data = WithRepeats(streams["public"]["train"].ids, stage.repeat, stage.spans, pool if stage.random else None)
+        result = train(model, data, cfg, eval_data=streams["public"]["heldout"], checkpoint_dir=work / stage.name,
+                       on_eval=lambda s, l: log(f"{stage.name} step {s}: held-out loss {l:.3f}"))
+        taken.append(result.steps)
+        log(f"{stage.name}: {result.steps} steps, final train loss {mean_tail(result.train_loss):.3f}, induction "
+            f"score {best_head(induction(model, p, streams['public']['train']))[2]:.3f}")
+    return bf16_round(model), taken
 
 
 def expert_model(p: dict, public: OlmoModel, name: str, rows: torch.Tensor, streams: dict, work: Path) -> OlmoModel:
@@ -299,12 +322,17 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "from the 1,000 most frequent public tokens.", "",
                 "| stage | steps | lr | final lr | windows repeating a span | span lengths (tokens) |",
                 "|---|---|---|---|---|---|",
-                *[f"| {name} | {steps} | {lr:g} | {lr * final:g} | {fraction:.0%} ({'random tokens' if random else 'text'}) "
-                  f"| {spans[0]}-{spans[1]} |" for name, steps, lr, final, fraction, spans, random in info["public_stages"]],
+                *[f"| {s['name']} | {taken}" + (f" (until train loss < {s['stop_below']:g}, at most {s['steps']})"
+                                                 if s["stop_below"] else "")
+                  + f" | {s['lr']:g} | {s['lr'] * s['final_ratio']:g} | {s['repeat']:.0%} "
+                  f"({'random tokens' if s['random'] else 'text'}) | {s['spans'][0]}-{s['spans'][1]} |"
+                  for s, taken in zip(info["public_stages"], info["stage_steps"])],
                 "", "Natural-text repeats alone gave no induction head in our budget (score 0.011 after the first "
                 "stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of the copy "
-                "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
-                "brings the text loss back while still practising copying."]
+                "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows. When it comes "
+                "varies with float rounding (it differed between two machines), so that stage runs until the drop "
+                "has happened rather than for a fixed number of steps; the last stage brings the text loss back "
+                "while still practising copying."]
     else:
         head = ["# flexolmo-lab", "",
                 "A small **FlexOlmo** model built by olmo-lab with the FlexOlmo recipe: the public expert is "
@@ -359,7 +387,7 @@ def main(argv=None) -> dict:
     streams = {d: {part: TokenStream.from_texts(tok, texts) for part, texts in parts.items()} for d, parts in docs.items()}
     log("tokenizer: " + ", ".join(f"{d} {len(s['train']):,} tokens" for d, s in streams.items()))
 
-    public = public_model(p, tok, streams, work)
+    public, stage_steps = public_model(p, tok, streams, work)
     ids = streams["public"]["heldout"].windows(p["context"], 16)[:, :-1]
     prev = best_head(previous_token_scores(public, ids))
     ind = best_head(induction(public, p, streams["public"]["train"]))
@@ -386,6 +414,7 @@ def main(argv=None) -> dict:
     res = evaluate_all(public, owners, merged, tuned, heldout, byte_lengths, sparse_k=2)
     targets = check_targets(res, CLOSED, merged.config.num_experts)
     info = dict(p, preset=args.preset, threads=args.threads, minutes=(time.time() - started) / 60,
+                public_stages=[asdict(s) for s in p["public_stages"]], stage_steps=stage_steps,
                 prev_head=prev, ind_head=ind, eval_tokens=heldout["public"][:, 1:].numel(),
                 sliding=[i for i, t in enumerate(public.config.layer_types) if t == "sliding_attention"],
                 full=[i for i, t in enumerate(public.config.layer_types) if t == "full_attention"],
