@@ -55,7 +55,7 @@ def induction_scores(model, ids: torch.Tensor | None = None, length: int = 48, v
     length = ids.shape[1] // 2
     scores = []
     for probs in attention_maps(model, ids):  # (B, nh, 2L, 2L)
-        # query length + i (i >= 1) looks back length - 1 positions: to the token after r_i's first copy
+        # query length + i (i = 0 .. length - 1) looks back length - 1 positions: to the token after r_i's first copy
         scores.append(probs.diagonal(offset=-(length - 1), dim1=-2, dim2=-1)[..., 1:].mean(dim=(0, 2)))
     return torch.stack(scores)
 

@@ -18,7 +18,7 @@ from olmo_lab.config import OlmoConfig
 from olmo_lab.errors import CheckpointError
 from olmo_lab.flexolmo import (HashedNgramEmbedder, ResidualStats, gaussian_router_rows, merge, residual_stats,
                                router_rows, shared_state, train_expert, tune_router, upcycle)
-from olmo_lab.heads import best_head, induction_scores, previous_token_scores
+from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
 from olmo_lab.lab import LAB_MODELS, LAB_MODELS_DIR, lab_model
 from olmo_lab.model import OlmoModel
 from olmo_lab.train import (TokenStream, TrainConfig, bits_per_byte, init_weights, token_byte_lengths, train,
@@ -351,15 +351,31 @@ def test_schedule_warms_up_then_decays():
     assert all(c.lr_at(s) >= c.lr_at(s + 1) for s in range(10, 99))
 
 
-def test_head_scores_find_a_planted_previous_token_head(pipeline):
-    model = tiny_dense(len(pipeline["tok"]))
-    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
-    scores = previous_token_scores(model, ids)
-    assert scores.shape == (2, 4) and bool(((scores > 0) & (scores <= 1)).all())
-    ind = induction_scores(model, length=8)
-    assert ind.shape == (2, 4)
-    layer, head, score = best_head(scores)
-    assert score == pytest.approx(float(scores.max()))
+def test_head_scores_find_planted_heads(monkeypatch):
+    """Attention maps with a planted previous-token head (layer 1, head 2) and induction head (layer 0,
+    head 3) among uniform causal heads: each score finds its head with score 1."""
+    L, nh, length = 2, 4, 6
+    S = 2 * length
+    causal = torch.tril(torch.ones(S, S))
+    uniform = causal / causal.sum(-1, keepdim=True)  # (S, S)
+    maps = [uniform.expand(1, nh, S, S).clone() for _ in range(L)]
+    prev = torch.diag(torch.ones(S - 1), -1)
+    prev[0, 0] = 1.0
+    maps[1][0, 2] = prev
+    ind = uniform.clone()
+    for i in range(length):  # the 2nd copy of token i looks at the token after its 1st copy
+        ind[length + i] = 0.0
+        ind[length + i, i + 1] = 1.0
+    maps[0][0, 3] = ind
+    monkeypatch.setattr(olmo_lab.heads, "attention_maps", lambda model, ids: maps)
+    ids = torch.zeros(1, S, dtype=torch.long)
+    scores = previous_token_scores(None, ids)
+    assert best_head(scores) == (1, 2, 1.0)
+    expected_uniform = float(torch.tensor([1 / (i + 1) for i in range(1, S)]).mean())  # position i spreads over i + 1
+    assert float(scores[0, 0]) == pytest.approx(expected_uniform)
+    induction = induction_scores(None, ids)
+    assert best_head(induction) == (0, 3, 1.0)
+    assert float(induction[1, 2]) == 0.0  # a previous-token head is no induction head
 
 
 # ------------------------------------------------------------------------------------ shipped checkpoints
@@ -387,6 +403,22 @@ def test_shipped_checkpoint_loads_here_and_in_transformers(name):
     else:
         assert {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
         assert model.config.sliding_window < model.config.max_position_embeddings
+
+
+def test_olmo3_lab_has_a_previous_token_head_and_an_induction_head():
+    """The structure the teaching checkpoint is trained for, found by score as notebook 02 does."""
+    path = lab_model("olmo3-lab")
+    model, tok = olmo_lab.load_model(path, dtype=torch.float32), olmo_lab.load_tokenizer(path)
+    public = olmo_lab.lab.samples()["public"]["texts"]
+    *_, prev = best_head(previous_token_scores(model, torch.tensor([tok.encode(public[0])[:48]])))
+    seen = torch.tensor(sorted({i for s in public for i in tok.encode(s)}))
+    repeated = seen[repeated_random_tokens(len(seen), length=24, batch=4, seed=0)]  # (4, 48): [r, r]
+    *_, ind = best_head(induction_scores(model, repeated))
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(repeated).logits[:, :-1].flatten(0, 1),
+                                                 repeated[:, 1:].flatten(), reduction="none").view(4, -1)
+    assert prev >= 0.8 and ind >= 0.5, (prev, ind)
+    assert loss[:, 24:].mean() < loss[:, :23].mean() - 2.0  # the second copy is predicted in context
 
 
 def test_flexolmo_lab_public_expert_is_olmo3_lab():
