@@ -57,12 +57,11 @@ class Stage:
 PRESETS = {
     # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
     "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128, public_batch=16,
-                 # The induction head forms in a sudden drop of the copy loss whose timing varies with float noise
-                 # across machines, so that stage runs until the drop has happened (loss < 0.9), not a fixed count.
+                 # The induction head forms in a sudden drop of the copy loss (500 steps here; from a fresh start on
+                 # another machine the drop came later and weaker: see lab/RESULTS.md, "Time and reproducibility").
                  public_stages=(Stage("public", 1200, 2e-3, spans=(129, 129)),
                                 Stage("public-copy", 400, 1e-3, repeat=0.3, spans=(8, 64), random=True),
-                                Stage("public-induction", 1200, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
-                                      stop_below=0.9),
+                                Stage("public-induction", 500, 3e-3, final_ratio=1.0, repeat=1.0, random=True),
                                 Stage("public-recover", 600, 2e-3, repeat=0.2, random=True)),
                  expert_steps=400, expert_lr=1e-3, expert_batch=32, stats_windows=64, closed_bias=-2.0,
                  router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
@@ -151,7 +150,10 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
                           seed=SEED + i, eval_every=200, checkpoint_every=100, progress=False,
                           stop_below=stage.stop_below)
         data = WithRepeats(streams["public"]["train"].ids, stage.repeat, stage.spans, pool if stage.random else None)
-        result = train(model, data, cfg, eval_data=streams["public"]["heldout"], checkpoint_dir=work / stage.name,
+        # a cached stage must come from these stages: its state continues the ones before it
+        key = hashlib.sha256(repr(p["public_stages"][:i + 1]).encode()).hexdigest()[:10]
+        result = train(model, data, cfg, eval_data=streams["public"]["heldout"],
+                       checkpoint_dir=work / f"{stage.name}-{key}",
                        on_eval=lambda s, l: log(f"{stage.name} step {s}: held-out loss {l:.3f}"))
         taken.append(result.steps)
         log(f"{stage.name}: {result.steps} steps, final train loss {mean_tail(result.train_loss):.3f}, induction "
@@ -329,10 +331,10 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                   for s, taken in zip(info["public_stages"], info["stage_steps"])],
                 "", "Natural-text repeats alone gave no induction head in our budget (score 0.011 after the first "
                 "stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of the copy "
-                "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows. When it comes "
-                "varies with float rounding (it differed between two machines), so that stage runs until the drop "
-                "has happened rather than for a fixed number of steps; the last stage brings the text loss back "
-                "while still practising copying."]
+                "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
+                "brings the text loss back while still practising copying. When the drop comes is sensitive to "
+                "float rounding: these weights continue first stages made on another machine, and a fresh start "
+                "here gave a weaker head (`lab/RESULTS.md`, \"Time and reproducibility\")."]
     else:
         head = ["# flexolmo-lab", "",
                 "A small **FlexOlmo** model built by olmo-lab with the FlexOlmo recipe: the public expert is "
