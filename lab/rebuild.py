@@ -51,17 +51,19 @@ class Stage:
     repeat: float = 0.1  # share of the windows that write one span again and again
     spans: tuple[int, int] = (8, 32)  # span lengths (tokens), drawn per window
     random: bool = False  # spans of random frequent tokens instead of the window's own text
-    stop_below: float = 0.0  # end the stage once its train loss is below this (0: run every step)
+    until_heads: float = 0.0  # end the stage once the best previous-token and induction scores both reach this
 
 
 PRESETS = {
     # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
     "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128, public_batch=16,
-                 # The induction head forms in a sudden drop of the copy loss (500 steps here; from a fresh start on
-                 # another machine the drop came later and weaker: see lab/RESULTS.md, "Time and reproducibility").
+                 # The induction head forms in a sudden drop of the copy loss whose step depends on float rounding
+                 # (350-650 steps on different machines: lab/RESULTS.md, "Time and reproducibility"), so the
+                 # stage runs until both heads are found by score.
                  public_stages=(Stage("public", 1200, 2e-3, spans=(129, 129)),
                                 Stage("public-copy", 400, 1e-3, repeat=0.3, spans=(8, 64), random=True),
-                                Stage("public-induction", 500, 3e-3, final_ratio=1.0, repeat=1.0, random=True),
+                                Stage("public-induction", 1200, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
+                                      until_heads=0.5),
                                 Stage("public-recover", 600, 2e-3, repeat=0.2, random=True)),
                  expert_steps=400, expert_lr=1e-3, expert_batch=32, stats_windows=64, closed_bias=-2.0,
                  router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
@@ -70,7 +72,7 @@ PRESETS = {
                   public_stages=(Stage("public", 40, 3e-3, spans=(33, 33)),
                                  Stage("public-copy", 10, 1.5e-3, repeat=0.3, spans=(8, 16), random=True),
                                  Stage("public-induction", 10, 3e-3, final_ratio=1.0, repeat=1.0, spans=(8, 16),
-                                       random=True, stop_below=0.5),
+                                       random=True, until_heads=0.5),
                                  Stage("public-recover", 10, 1.5e-3, repeat=0.2, spans=(8, 16), random=True)),
                   expert_steps=10, expert_lr=2e-3, expert_batch=8, stats_windows=8, closed_bias=-2.0,
                   router_steps=5, eval_windows=8,
@@ -119,6 +121,15 @@ def induction(model: OlmoModel, p: dict, public: TokenStream) -> torch.Tensor:
     return induction_scores(model, ids)
 
 
+def heads(model: OlmoModel, p: dict, streams: dict) -> tuple[tuple, tuple]:
+    """The best previous-token head (on held-out public text) and the best induction head, as (layer, head, score)."""
+    ids = streams["public"]["heldout"].windows(p["context"], 16)[:, :-1]
+    return best_head(previous_token_scores(model, ids)), best_head(induction(model, p, streams["public"]["train"]))
+
+
+HEAD_CHECK_EVERY = 50  # steps between the head probes of a stage with `until_heads`
+
+
 def bf16_round(model: OlmoModel) -> OlmoModel:
     """The model with every weight rounded to bf16 (what is shipped), kept in fp32 for computing."""
     return model.to(torch.bfloat16).to(torch.float32)
@@ -147,17 +158,25 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
     for i, stage in enumerate(p["public_stages"]):
         cfg = TrainConfig(steps=stage.steps, lr=stage.lr, warmup=min(100, stage.steps // 10),
                           min_lr_ratio=stage.final_ratio, batch_size=p["public_batch"], seq_len=p["context"],
-                          seed=SEED + i, eval_every=200, checkpoint_every=100, progress=False,
-                          stop_below=stage.stop_below)
+                          seed=SEED + i, eval_every=200, checkpoint_every=100, progress=False)
+
+        def found(model, step, stage=stage):
+            if not stage.until_heads or step % HEAD_CHECK_EVERY:
+                return False
+            prev, ind = heads(model, p, streams)
+            log(f"{stage.name} step {step}: previous-token head {prev[2]:.3f}, induction head {ind[2]:.3f}")
+            return min(prev[2], ind[2]) >= stage.until_heads
+
         data = WithRepeats(streams["public"]["train"].ids, stage.repeat, stage.spans, pool if stage.random else None)
         # a cached stage must come from these stages: its state continues the ones before it
         key = hashlib.sha256(repr(p["public_stages"][:i + 1]).encode()).hexdigest()[:10]
         result = train(model, data, cfg, eval_data=streams["public"]["heldout"],
                        checkpoint_dir=work / f"{stage.name}-{key}",
-                       on_eval=lambda s, l: log(f"{stage.name} step {s}: held-out loss {l:.3f}"))
+                       on_eval=lambda s, l: log(f"{stage.name} step {s}: held-out loss {l:.3f}"), stop_when=found)
         taken.append(result.steps)
-        log(f"{stage.name}: {result.steps} steps, final train loss {mean_tail(result.train_loss):.3f}, induction "
-            f"score {best_head(induction(model, p, streams['public']['train']))[2]:.3f}")
+        prev, ind = heads(model, p, streams)
+        log(f"{stage.name}: {result.steps} steps, final train loss {mean_tail(result.train_loss):.3f}, "
+            f"previous-token head {prev[2]:.3f}, induction head {ind[2]:.3f}")
     return bf16_round(model), taken
 
 
@@ -324,8 +343,8 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "from the 1,000 most frequent public tokens.", "",
                 "| stage | steps | lr | final lr | windows repeating a span | span lengths (tokens) |",
                 "|---|---|---|---|---|---|",
-                *[f"| {s['name']} | {taken}" + (f" (until train loss < {s['stop_below']:g}, at most {s['steps']})"
-                                                 if s["stop_below"] else "")
+                *[f"| {s['name']} | {taken}" + (f" (until both heads score >= {s['until_heads']:g}, at most "
+                                                 f"{s['steps']})" if s["until_heads"] else "")
                   + f" | {s['lr']:g} | {s['lr'] * s['final_ratio']:g} | {s['repeat']:.0%} "
                   f"({'random tokens' if s['random'] else 'text'}) | {s['spans'][0]}-{s['spans'][1]} |"
                   for s, taken in zip(info["public_stages"], info["stage_steps"])],
@@ -390,9 +409,7 @@ def main(argv=None) -> dict:
     log("tokenizer: " + ", ".join(f"{d} {len(s['train']):,} tokens" for d, s in streams.items()))
 
     public, stage_steps = public_model(p, tok, streams, work)
-    ids = streams["public"]["heldout"].windows(p["context"], 16)[:, :-1]
-    prev = best_head(previous_token_scores(public, ids))
-    ind = best_head(induction(public, p, streams["public"]["train"]))
+    prev, ind = heads(public, p, streams)
     log(f"previous-token head {prev}, induction head {ind}")
 
     # Public statistics (anyone can compute them); each owner adds only its own domain's mean.

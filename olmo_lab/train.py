@@ -184,7 +184,8 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
           checkpoint_dir: str | os.PathLike | None = None,
           step_fn: Callable[[object, int], float] | None = None,
           after_backward: Callable[[object], None] | None = None,
-          on_eval: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_eval: Callable[[int, float], None] | None = None,
+          stop_when: Callable[[object, int], bool] | None = None) -> TrainResult:
     """Train `model` in place for `config.steps` optimizer steps and return the loss history.
 
     Only parameters with `requires_grad` are optimised. `step_fn(model, step)` replaces the default
@@ -194,6 +195,8 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
     `checkpoint_every` steps and at the end, and a run finding a state there resumes from it.
     With `config.stop_below`, training ends as soon as the recent train loss is below it (e.g. once a
     curriculum task is learned), evaluating and saving there; resuming a run that stopped does nothing.
+    `stop_when(model, steps_done)`, called after every step, ends the run the same way when it returns
+    True (e.g. once a probe finds the circuit a curriculum is for).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -244,6 +247,7 @@ def train(model, data: TokenStream, config: TrainConfig, *, eval_data: TokenStre
         done = step + 1
         tail = result.train_loss[-STOP_WINDOW:]
         stopped = bool(config.stop_below) and len(tail) == STOP_WINDOW and sum(tail) / STOP_WINDOW < config.stop_below
+        stopped = stopped or (stop_when is not None and bool(stop_when(model, done)))
         last = stopped or done == config.steps
         if eval_data is not None and ((config.eval_every and done % config.eval_every == 0) or last):
             result.eval_loss.append((done, evaluate(model, eval_data, config)))
