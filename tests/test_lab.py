@@ -310,6 +310,27 @@ def test_training_stops_once_the_recent_loss_is_below_the_threshold(pipeline, tm
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), stopped_model.state_dict().values()))
 
 
+def test_training_stops_when_the_probe_says_so(pipeline, tmp_path):
+    stream, vocab = pipeline["streams"]["public"], len(pipeline["tok"])
+    config = TrainConfig(steps=30, lr=3e-3, warmup=2, min_lr_ratio=1.0, batch_size=4, seq_len=16, progress=False)
+    full = train(tiny_dense(vocab), stream, config)
+    seen = []
+
+    def probe(model, step):  # sees the model after each step; "found" at step 7
+        seen.append((step, model.training))
+        return step == 7
+
+    stopped_model = tiny_dense(vocab)
+    stopped = train(stopped_model, stream, config, eval_data=stream, checkpoint_dir=tmp_path, stop_when=probe)
+    assert seen == [(s, True) for s in range(1, 8)]
+    assert stopped.steps == 7 and stopped.train_loss == full.train_loss[:7]
+    assert [s for s, _ in stopped.eval_loss] == [7]  # evaluated where it stopped
+    again = tiny_dense(vocab)  # resuming a run that stopped loads it and trains no further
+    resumed = train(again, stream, config, checkpoint_dir=tmp_path, stop_when=lambda model, step: False)
+    assert resumed.train_loss == stopped.train_loss
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), stopped_model.state_dict().values()))
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(pipeline, tmp_path):
     stream = pipeline["streams"]["public"]
     config = TrainConfig(steps=2, lr=3e-3, warmup=1, batch_size=2, seq_len=16, progress=False)
