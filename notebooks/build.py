@@ -1,7 +1,10 @@
 """Build the notebooks from their sources in notebooks/src/*.py and run them to store their outputs.
 
-    python notebooks/build.py            # every notebook
-    python notebooks/build.py 02 04      # only those whose name starts with these prefixes
+    make notebooks                       # every notebook
+    make notebooks NB="02 04"            # only those whose name starts with these prefixes
+
+The Makefile pins the CPU numerics and threads the kernels run with, as `make test` does, so the
+stored outputs are what nbval recomputes in CI on any x86-64 machine; run directly, this refuses.
 
 A source is a Python file in the "percent" format: `# %%` starts a code cell, `# %% [markdown]` a
 markdown cell whose lines are comments. Keeping sources as plain Python makes them easy to review and
@@ -112,6 +115,8 @@ def export_figure(nb: nbformat.NotebookNode, name: str) -> None:
 
 
 def main(prefixes: list[str]) -> None:
+    if "ATEN_CPU_CAPABILITY" not in os.environ or "OMP_NUM_THREADS" not in os.environ:
+        sys.exit("build the notebooks with `make notebooks`: it pins the CPU numerics that `make test` checks them with")
     names = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "src")) if f.endswith(".py"))
     for name in names:
         if not prefixes or any(name.startswith(p) for p in prefixes):

@@ -58,6 +58,9 @@ class MoE(nn.Module):
         enabled = [e for e in range(self.num_experts) if e not in self.opted_out]
         if len(enabled) < self.num_experts:  # opt-out: the softmax and top-k see only enabled experts
             index = torch.tensor(enabled, device=x.device)
+            # The enabled logits come from their rows alone, as in a model without the others: a matrix
+            # product's rounding can depend on how many rows it has (it does with AVX-512 BLAS kernels).
+            logits = logits.index_copy(1, index, F.linear(x, self.gate.weight[index]))
             probs_enabled = F.softmax(logits[:, index], dim=-1, dtype=torch.float32)  # (T, E_enabled)
             probs = logits.new_zeros(logits.shape, dtype=torch.float32).index_copy_(1, index, probs_enabled)
         else:
