@@ -1,6 +1,6 @@
 """Rebuild the shipped lab checkpoints from scratch: data, tokenizer, public model, experts, merge, evaluation.
 
-    python -m lab.rebuild                  # or: make lab-models  (about an hour on a 2-core CPU)
+    make lab-models                        # about an hour on a 2-core CPU, with pinned CPU numerics
     python -m lab.rebuild --preset smoke   # a few-minute run of the same pipeline into .cache/lab-smoke/
 
 Writes olmo_lab/lab_models/{olmo3-lab,flexolmo-lab}/ (bf16 safetensors + tokenizer + model card),
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -352,8 +353,10 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of the copy "
                 "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
                 "brings the text loss back while still practising copying. When the drop comes is sensitive to "
-                "float rounding: these weights continue first stages made on another machine, and a fresh start "
-                "here gave a weaker head (`lab/RESULTS.md`, \"Time and reproducibility\")."]
+                "float rounding (350-650 steps in runs on different machines), so that stage runs until both "
+                "heads are found by score, and `make lab-models` pins the CPU's float kernels (AVX2 in ATen, MKL "
+                "and oneDNN) so that other x86-64 machines round the same way (`lab/RESULTS.md`, \"Time and "
+                "reproducibility\")."]
     else:
         head = ["# flexolmo-lab", "",
                 "A small **FlexOlmo** model built by olmo-lab with the FlexOlmo recipe: the public expert is "
@@ -395,6 +398,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.preset == "full" and "ATEN_CPU_CAPABILITY" not in os.environ:
+        parser.error("run the full rebuild with `make lab-models`: it pins the CPU's float kernels, so the "
+                     "other machines round the same way")
     p = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     started = time.time()
