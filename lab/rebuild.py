@@ -73,7 +73,7 @@ PRESETS = {
                   public_stages=(Stage("public", 40, 3e-3, spans=(33, 33)),
                                  Stage("public-copy", 10, 1.5e-3, repeat=0.3, spans=(8, 16), random=True),
                                  Stage("public-induction", 10, 3e-3, final_ratio=1.0, repeat=1.0, spans=(8, 16),
-                                       random=True, until_induction=0.5),
+                                       random=True),
                                  Stage("public-recover", 10, 1.5e-3, repeat=0.2, spans=(8, 16), random=True)),
                   expert_steps=10, expert_lr=2e-3, expert_batch=8, stats_windows=8, closed_bias=-2.0,
                   router_steps=5, eval_windows=8,
@@ -401,8 +401,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.preset == "full" and "ATEN_CPU_CAPABILITY" not in os.environ:
-        parser.error("run the full rebuild with `make lab-models`: it pins the CPU's float kernels, so the "
-                     "other machines round the same way")
+        parser.error("run the full rebuild with `make lab-models`: it pins the CPU's float kernels, so "
+                     "that other machines round the same way")
     p = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     started = time.time()
