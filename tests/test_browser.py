@@ -164,6 +164,16 @@ def _wait_for_text(locator, predicate, timeout: float) -> str:
     raise AssertionError(f"timed out waiting; last text: {text!r}")
 
 
+def _redrawn(image, change, timeout: float = 30) -> None:
+    """Make `change` and wait until the widget's image shows something new."""
+    before = image.get_attribute("src")
+    change()
+    deadline = time.time() + timeout
+    while image.get_attribute("src") == before and time.time() < deadline:
+        time.sleep(0.25)
+    assert image.get_attribute("src") != before, "the image was not redrawn"
+
+
 def _save(page, locator, name):
     OUT.mkdir(parents=True, exist_ok=True)
     locator.screenshot(path=str(OUT / name))
@@ -214,15 +224,11 @@ def test_attention_explorer_in_the_browser(lab, browser):
     image.wait_for(timeout=60_000)
     summary_before = _wait_for_text(explorer.locator(".olmo-lab-summary"),
                                     lambda t: "top keys" in t and _cells_done(page), timeout=600)
-    before = image.get_attribute("src")
     heads = explorer.locator("select").nth(1)
-    heads.select_option(index=(heads.evaluate("s => s.selectedIndex") + 1) % heads.evaluate("s => s.length"))
-    deadline = time.time() + 30
-    while image.get_attribute("src") == before and time.time() < deadline:
-        time.sleep(0.25)
-    assert image.get_attribute("src") != before
+    _redrawn(image, lambda: heads.select_option(
+        index=(heads.evaluate("s => s.selectedIndex") + 1) % heads.evaluate("s => s.length")))
     assert explorer.locator(".olmo-lab-summary").inner_text() != summary_before
-    explorer.locator("select").nth(0).select_option(index=0)  # another layer
-    _save(page, explorer, "attention_explorer.png")
+    _redrawn(image, lambda: explorer.locator("select").nth(0).select_option(index=0))  # another layer
+    _save(page, explorer, "attention_explorer.png")  # the heatmap matches the summary line
     assert not errors, errors
     page.close()
