@@ -8,6 +8,8 @@ expert; router rows from domain embeddings; a resumed training run equals an uni
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -459,3 +461,13 @@ def test_shipped_size_is_at_most_40_mb():
 def test_unknown_lab_model_raises():
     with pytest.raises(CheckpointError, match="olmo3-lab, flexolmo-lab"):
         lab_model("nope")
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "lab.rebuild"], [sys.executable, "notebooks/build.py"]])
+def test_rebuilds_of_shipped_outputs_refuse_unpinned_numerics(command):
+    """The lab rebuild and the notebook build run only under the Makefile's pinned CPU numerics, the ones
+    CI checks the stored outputs with; started directly, they stop before doing anything."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "make " in run.stderr, run.stderr
