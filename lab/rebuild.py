@@ -63,8 +63,8 @@ PRESETS = {
                  # stage runs until the induction head is found by score.
                  public_stages=(Stage("public", 1200, 2e-3, spans=(129, 129)),
                                 Stage("public-copy", 400, 1e-3, repeat=0.3, spans=(8, 64), random=True),
-                                Stage("public-induction", 1200, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
-                                      until_induction=0.5),
+                                Stage("public-induction", 1000, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
+                                      until_induction=0.3),
                                 Stage("public-recover", 600, 2e-3, repeat=0.2, random=True)),
                  expert_steps=400, expert_lr=1e-3, expert_batch=32, stats_windows=64, closed_bias=-2.0,
                  router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
@@ -155,6 +155,7 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
     model = OlmoModel(config)
     init_weights(model, seed=SEED)
     pool = frequent_tokens(streams["public"]["train"], p["vocab"])
+    origin = streams["public"]["train"].ids.numpy().tobytes() + tok.to_str().encode() + repr(config).encode()
     taken = []
     for i, stage in enumerate(p["public_stages"]):
         cfg = TrainConfig(steps=stage.steps, lr=stage.lr, warmup=min(100, stage.steps // 10),
@@ -171,8 +172,9 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
             return score >= stage.until_induction
 
         data = WithRepeats(streams["public"]["train"].ids, stage.repeat, stage.spans, pool if stage.random else None)
-        # a cached stage must come from these stages: its state continues the ones before it
-        key = hashlib.sha256(repr(p["public_stages"][:i + 1]).encode()).hexdigest()[:10]
+        # a cached stage must come from this data, tokenizer and model, and from these stages: its state
+        # continues the ones before it
+        key = hashlib.sha256(origin + repr(p["public_stages"][:i + 1]).encode()).hexdigest()[:10]
         result = train(model, data, cfg, eval_data=streams["public"]["heldout"],
                        checkpoint_dir=work / f"{stage.name}-{key}",
                        on_eval=lambda s, l: log(f"{stage.name} step {s}: held-out loss {l:.3f}"), stop_when=found)
