@@ -155,7 +155,7 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
     model = OlmoModel(config)
     init_weights(model, seed=SEED)
     pool = frequent_tokens(streams["public"]["train"], p["vocab"])
-    origin = streams["public"]["train"].ids.numpy().tobytes() + tok.to_str().encode() + repr(config).encode()
+    origin = streams["public"]["train"].ids.numpy().tobytes() + repr(config).encode()  # the ids depend on the tokenizer
     taken = []
     for i, stage in enumerate(p["public_stages"]):
         cfg = TrainConfig(steps=stage.steps, lr=stage.lr, warmup=min(100, stage.steps // 10),
@@ -172,7 +172,7 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
             return score >= stage.until_induction
 
         data = WithRepeats(streams["public"]["train"].ids, stage.repeat, stage.spans, pool if stage.random else None)
-        # a cached stage must come from this data, tokenizer and model, and from these stages: its state
+        # a cached stage must come from this data, tokenizer and model and from these stages: its state
         # continues the ones before it
         key = hashlib.sha256(origin + repr(p["public_stages"][:i + 1]).encode()).hexdigest()[:10]
         result = train(model, data, cfg, eval_data=streams["public"]["heldout"],
