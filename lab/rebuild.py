@@ -58,9 +58,9 @@ class Stage:
 PRESETS = {
     # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
     "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128, public_batch=16,
-                 # The induction head forms in a sudden drop of the copy loss whose step depends on float rounding
-                 # (350-650 steps on different machines: lab/RESULTS.md, "Time and reproducibility"), so the
-                 # stage runs until the induction head is found by score.
+                 # The induction head forms in a sudden drop of the copy loss whose step depends on the data and on
+                 # float rounding (150-650 steps so far: lab/RESULTS.md, "Time and reproducibility"), so the stage
+                 # runs until the head is found by score; the recovery stage grows it further.
                  public_stages=(Stage("public", 1200, 2e-3, spans=(129, 129)),
                                 Stage("public-copy", 400, 1e-3, repeat=0.3, spans=(8, 64), random=True),
                                 Stage("public-induction", 1000, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
@@ -353,11 +353,11 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                   + f" | {s['lr']:g} | {s['lr'] * s['final_ratio']:g} | {s['repeat']:.0%} "
                   f"({'random tokens' if s['random'] else 'text'}) | {s['spans'][0]}-{s['spans'][1]} |"
                   for s, taken in zip(info["public_stages"], info["stage_steps"])],
-                "", "Natural-text repeats alone gave no induction head in our budget (score 0.011 after the first "
-                "stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of the copy "
+                "", "Natural-text repeats alone gave no induction head in our budget (score about 0.01 after the "
+                "first stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of the copy "
                 "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
-                "brings the text loss back while still practising copying. When the drop comes is sensitive to "
-                "float rounding (350-650 steps in runs on different machines), so that stage runs until the "
+                "brings the text loss back while still practising copying. When the drop comes depends on the "
+                "data and on float rounding (150-650 steps in our builds), so that stage runs until the "
                 "induction head is found by score, and `make lab-models` pins the CPU's float kernels (AVX2 in ATen, MKL "
                 "and oneDNN) so that other x86-64 machines round the same way (`lab/RESULTS.md`, \"Time and "
                 "reproducibility\")."]

@@ -105,8 +105,9 @@ def logit_lens_table(lens: list[list[tuple[str, float]]]) -> str:
 
 
 @torch.inference_mode()
-def expert_usage(model, tokenizer, texts_by_group: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """{group (e.g. domain): (layers, experts) fraction of its tokens that put each expert in their top-k}.
+def expert_usage(model, tokenizer, texts_by_group: dict[str, list[str]], top: int | None = None) -> dict[str, torch.Tensor]:
+    """{group (e.g. domain): (layers, experts) fraction of its tokens that put each expert among their `top`
+    highest-weight experts (default: all top-k; `Routing.usage`)}.
 
     Texts longer than the model's context are cut to it."""
     out = {}
@@ -116,7 +117,7 @@ def expert_usage(model, tokenizer, texts_by_group: dict[str, list[str]]) -> dict
             ids = torch.tensor([tokenizer.encode(text)[:model.config.max_position_embeddings]])
             with trace(model, attention=False, routing=True) as tr:
                 model(ids)
-            usage = torch.stack([tr.routing[l].usage() * ids.shape[1] for l in sorted(tr.routing)])
+            usage = torch.stack([tr.routing[l].usage(top) * ids.shape[1] for l in sorted(tr.routing)])
             total = usage if total is None else total + usage
             count += ids.shape[1]
         out[group] = total / count

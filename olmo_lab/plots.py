@@ -141,7 +141,7 @@ def expert_usage_bars(usage: dict[str, torch.Tensor], expert_names: list[str], l
         values = [(usage[g].mean(0) if layer is None else usage[g][layer])[e].item() for g in groups]
         ax.bar([i + e * width for i in range(len(groups))], values, width, label=name, color=expert_color(e))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups)
-    ax.set_ylabel("fraction of tokens (top-k)")
+    ax.set_ylabel("fraction of tokens")
     ax.set_title("expert usage by domain" + ("" if layer is None else f", layer {layer}"), fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()

@@ -38,10 +38,11 @@ class RoutingRecord:
         """Name of each token's highest-weight expert."""
         return [self.expert_names[i] for i in self.topk_indices[:, 0].tolist()]
 
-    def usage(self) -> torch.Tensor:
-        """(E,) fraction of tokens that put each expert in their top-k."""
-        counts = torch.zeros(len(self.expert_names))
-        counts.index_add_(0, self.topk_indices.reshape(-1).cpu(), torch.ones(self.topk_indices.numel()))
+    def usage(self, top: int | None = None) -> torch.Tensor:
+        """(E,) fraction of tokens that put each expert among their `top` highest-weight experts (default: all
+        k chosen). With top-k = all experts every expert is always chosen, so top=1 is the informative count."""
+        chosen = self.topk_indices[:, :top].reshape(-1).cpu()
+        counts = torch.zeros(len(self.expert_names)).index_add_(0, chosen, torch.ones(chosen.numel()))
         return counts / self.topk_indices.shape[0]
 
     def table(self, max_rows: int = 40) -> str:

@@ -224,11 +224,16 @@ def test_attention_explorer_in_the_browser(lab, browser):
     image.wait_for(timeout=60_000)
     summary_before = _wait_for_text(explorer.locator(".olmo-lab-summary"),
                                     lambda t: "top keys" in t and _cells_done(page), timeout=600)
-    heads = explorer.locator("select").nth(1)
-    _redrawn(image, lambda: heads.select_option(
-        index=(heads.evaluate("s => s.selectedIndex") + 1) % heads.evaluate("s => s.length")))
+    layers, heads = explorer.locator("select").nth(0), explorer.locator("select").nth(1)
+    start = [s.evaluate("s => s.selectedIndex") for s in (layers, heads)]  # the notebook's previous-token head
+    _redrawn(image, lambda: heads.select_option(index=(start[1] + 1) % heads.evaluate("s => s.length")))
     assert explorer.locator(".olmo-lab-summary").inner_text() != summary_before
-    _redrawn(image, lambda: explorer.locator("select").nth(0).select_option(index=0))  # another layer
+    other = (start[0] + 1) % layers.evaluate("s => s.length")
+    _redrawn(image, lambda: layers.select_option(index=other))  # another layer
+    assert explorer.locator(".olmo-lab-summary").inner_text().startswith(f"layer {other} ")
+    _redrawn(image, lambda: layers.select_option(index=start[0]))  # and back to the start: the same view again
+    _redrawn(image, lambda: heads.select_option(index=start[1]))
+    assert explorer.locator(".olmo-lab-summary").inner_text() == summary_before
     _save(page, explorer, "attention_explorer.png")  # the heatmap matches the summary line
     assert not errors, errors
     page.close()

@@ -97,6 +97,9 @@ def test_routing_of_generated_tokens_and_usage(flex):
     assert (tr.routing[2].probs - ref.routing[2].probs).abs().max() <= 1e-5
     usage = tr.routing[0].usage()
     assert usage.shape == (4,) and abs(usage.sum().item() - 2.0) < 1e-6  # top-2: two experts per token
+    first = tr.routing[0].usage(top=1)  # the highest-weight expert only
+    assert torch.equal(first, torch.bincount(tr.routing[0].topk_indices[:, 0], minlength=4) / 9)
+    assert (first <= usage).all() and not torch.equal(first, usage)
 
 
 def test_opted_out_experts_show_zero_probability(flex):
@@ -143,6 +146,8 @@ def test_expert_usage_by_group(flex):
     usage = expert_usage(model, Chars(), {"a": ["hello there", "general"], "b": ["12345 678"]})
     assert set(usage) == {"a", "b"} and usage["a"].shape == (3, 4)
     assert torch.allclose(usage["b"].sum(-1), torch.full((3,), 2.0))
+    first = expert_usage(model, Chars(), {"a": ["hello there", "general"], "b": ["12345 678"]}, top=1)
+    assert torch.allclose(first["b"].sum(-1), torch.full((3,), 1.0)) and (first["a"] <= usage["a"]).all()
 
 
 def test_nested_tracing_is_refused(olmo3):

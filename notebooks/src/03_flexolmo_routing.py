@@ -50,13 +50,15 @@ print(plots.routing_summary(tr.routing, names))
 
 # %% [markdown]
 # ## Which experts each domain uses
-# The fraction of each domain's tokens that put each expert in their top-k, averaged over layers
-# (and for the middle layer). A domain's text should mostly go to its own expert. In `flexolmo-lab`
-# math and bible text do; code text (and part of the news text) drifts to the math expert in the deeper layers (why:
-# `lab/RESULTS.md`, which the last notebook prints) -- routing is the hard part of FlexOlmo.
+# The share of each domain's tokens whose highest-weight expert is each expert (`top=1`: with top-k = all,
+# every expert is in every token's top-k), averaged over layers (and for the middle layer). A domain's
+# text should mostly go to its own expert. In `flexolmo-lab` math text does, and bible text goes to the
+# bible expert more than to any other; code and news text (and even public text) drift to the math expert
+# in the deeper layers (why: `lab/RESULTS.md`, which the last notebook prints) -- routing is the hard
+# part of FlexOlmo.
 
 # %%
-usage = lens.expert_usage(model, tok, samples)
+usage = lens.expert_usage(model, tok, samples, top=1)
 fig = plots.expert_usage_bars(usage, names)
 plt.show()
 print(lens.usage_table(usage, names))
