@@ -405,14 +405,20 @@ def main(argv=None) -> dict:
     if args.preset == "full" and "ATEN_CPU_CAPABILITY" not in os.environ:
         parser.error("run the full rebuild with `make lab-models`: it pins the CPU's float kernels, so "
                      "that other machines round the same way")
-    p = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     started = time.time()
-    work = ROOT / ".cache" / "lab-build" / args.preset
-
     log("building data")
     manifest = build_data.build()
     docs = {d: {part: build_data.read_docs(d, part) for part in ("train", "heldout")} for d in build_data.DOMAINS}
+    return build(dict(PRESETS[args.preset], preset=args.preset, threads=args.threads), docs, manifest,
+                 ROOT / ".cache" / "lab-build" / args.preset, started)
+
+
+def build(p: dict, docs: dict, manifest: dict, work: Path, started: float) -> dict:
+    """Everything after the data: tokenizer, public model, experts, merge, evaluation, and the files written.
+
+    docs: {domain: {"train" | "heldout": [text]}} for "public" and every closed domain; p: a preset plus its
+    name (`preset`) and `threads`; work: where training states are cached."""
     tok = train_bpe_tokenizer([t for d in docs.values() for t in d["train"]], p["vocab"])
     byte_lengths = token_byte_lengths(tok)
     streams = {d: {part: TokenStream.from_texts(tok, texts) for part, texts in parts.items()} for d, parts in docs.items()}
@@ -442,7 +448,7 @@ def main(argv=None) -> dict:
     heldout = {d: streams[d]["heldout"].windows(p["window"], p["eval_windows"]) for d in ["public", *CLOSED]}
     res = evaluate_all(public, owners, merged, tuned, heldout, byte_lengths, sparse_k=2)
     targets = check_targets(res, CLOSED, merged.config.num_experts)
-    info = dict(p, preset=args.preset, threads=args.threads, minutes=(time.time() - started) / 60,
+    info = dict(p, minutes=(time.time() - started) / 60,
                 public_stages=[asdict(s) for s in p["public_stages"]], stage_steps=stage_steps,
                 prev_head=prev, ind_head=ind, eval_tokens=heldout["public"][:, 1:].numel(),
                 sliding=[i for i, t in enumerate(public.config.layer_types) if t == "sliding_attention"],

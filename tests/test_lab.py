@@ -1,8 +1,8 @@
 """The lab models: a miniature of the FlexOlmo build pipeline, the training loop, and the shipped checkpoints.
 
 The miniature runs the same library functions as `python -m lab.rebuild` on tiny built-in text and a
-tiny model, so the recipe's guarantees are checked in seconds: upcycle -> independent expert training
--> merge (shared weights identical, public expert unchanged) -> opt-out equals a merge without the
+tiny model (and one test runs `lab.rebuild.build` itself, end to end, on the shipped text samples), so
+the recipe's guarantees are checked in seconds: upcycle -> independent expert training -> merge (shared weights identical, public expert unchanged) -> opt-out equals a merge without the
 expert; router rows from domain embeddings; a resumed training run equals an uninterrupted one.
 """
 
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import dataclasses
 from dataclasses import asdict
 
 import pytest
@@ -471,3 +472,44 @@ def test_rebuilds_of_shipped_outputs_refuse_unpinned_numerics(command):
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "make " in run.stderr, run.stderr
+
+
+def test_the_rebuild_pipeline_end_to_end_in_miniature(tmp_path, monkeypatch):
+    """`lab.rebuild.build`, the whole of `make lab-models` after the data, on the shipped text samples with a
+    tiny model: both checkpoints, the model cards, RESULTS.md and results.json are written, the targets are
+    judged, opt-out is exact, the probe can end a stage, and a rerun resumes from the cached states to the
+    same numbers."""
+    from lab import rebuild
+
+    samples = olmo_lab.lab.samples()
+    docs = {d: {"train": s["texts"] * 12, "heldout": s["texts"][::-1] * 4} for d, s in samples.items()}
+    stages = rebuild.PRESETS["smoke"]["public_stages"]
+    stages = (*stages[:2], dataclasses.replace(stages[2], until_induction=1e-9), stages[3])  # probe ends it at step 5
+    monkeypatch.setattr(rebuild, "HEAD_CHECK_EVERY", 5)
+    p = dict(rebuild.PRESETS["smoke"], vocab=320, public_stages=stages, out=tmp_path / "models",
+             results=tmp_path / "results", preset="test", threads=1)
+    first = rebuild.build(p, docs, {"domains": {}}, tmp_path / "work", started=0.0)
+
+    out = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert out["run"]["stage_steps"] == [40, 10, 5, 10]
+    assert len(out["targets"]) == 21  # 4 x (within 5%, 10% better, +15% own, <= 5% others, routing) + exactness
+    exact = [t for t in out["targets"] if t["target"].startswith("opt-out exact")]
+    assert exact[0]["met"] and max(out["opt_out_max_abs_logit_diff"].values()) == 0
+    assert "| merged, top-5 (all) |" in (tmp_path / "results" / "RESULTS.md").read_text()
+    for name in ("olmo3-lab", "flexolmo-lab"):
+        files = {f.name for f in (tmp_path / "models" / name).iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json", "README.md"} <= files, files
+    flex = olmo_lab.load_model(tmp_path / "models" / "flexolmo-lab")
+    dense = olmo_lab.load_model(tmp_path / "models" / "olmo3-lab")
+    assert flex.config.expert_names == ["public", *rebuild.CLOSED]
+    assert torch.equal(flex.model.layers[1].mlp.experts[0].down_proj.weight, dense.model.layers[1].mlp.down_proj.weight)
+
+    cached = sorted(d.name for d in (tmp_path / "work").iterdir())
+    assert len(cached) == 4 + len(rebuild.CLOSED), cached  # one state per public stage and per expert
+    again = rebuild.build(p, docs, {"domains": {}}, tmp_path / "work", started=0.0)
+    assert sorted(d.name for d in (tmp_path / "work").iterdir()) == cached  # every stage came from its cache
+    assert again == first
+    docs["public"]["train"] = docs["public"]["train"][1:]  # other public data: nothing cached may be reused
+    rebuild.build(p, docs, {"domains": {}}, tmp_path / "work", started=0.0)
+    assert len(list((tmp_path / "work").iterdir())) == 2 * len(cached)
