@@ -2,8 +2,9 @@
 
 The miniature runs the same library functions as `python -m lab.rebuild` on tiny built-in text and a
 tiny model (and one test runs `lab.rebuild.build` itself, end to end, on the shipped text samples), so
-the recipe's guarantees are checked in seconds: upcycle -> independent expert training -> merge (shared weights identical, public expert unchanged) -> opt-out equals a merge without the
-expert; router rows from domain embeddings; a resumed training run equals an uninterrupted one.
+the recipe's guarantees are checked in seconds: upcycle -> independent expert training -> merge (shared
+weights identical, public expert unchanged) -> opt-out equals a merge without the expert; router rows
+from domain embeddings; a resumed training run equals an uninterrupted one.
 """
 
 import json
