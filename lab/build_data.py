@@ -198,7 +198,8 @@ def snippet(doc: str, chars: int = 240) -> str:
 
 def write_samples(heldout: dict[str, list[str]], licences: dict[str, str]) -> None:
     """Three short held-out snippets per domain for the notebooks (every source is public domain or permissive)."""
-    samples = {name: {"licence": licences[name], "texts": [snippet(d) for d in docs[:3]]} for name, docs in heldout.items()}
+    samples = {name: {"licence": licences[name], "texts": [snippet(d) for d in docs[:3]]}
+               for name, docs in heldout.items()}
     SAMPLES.parent.mkdir(parents=True, exist_ok=True)
     SAMPLES.write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

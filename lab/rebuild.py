@@ -354,8 +354,8 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                   f"({'random tokens' if s['random'] else 'text'}) | {s['spans'][0]}-{s['spans'][1]} |"
                   for s, taken in zip(info["public_stages"], info["stage_steps"])],
                 "", "Natural-text repeats alone gave no induction head in our budget (score about 0.01 after the "
-                "first stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of the copy "
-                "loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
+                "first stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of "
+                "the copy loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
                 "brings the text loss back while still practising copying. When the drop comes depends on the "
                 "data and on float rounding (150-650 steps in our builds), so that stage runs until the "
                 "induction head is found by score, and `make lab-models` pins the CPU's float kernels (AVX2 in ATen, MKL "

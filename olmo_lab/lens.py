@@ -105,7 +105,8 @@ def logit_lens_table(lens: list[list[tuple[str, float]]]) -> str:
 
 
 @torch.inference_mode()
-def expert_usage(model, tokenizer, texts_by_group: dict[str, list[str]], top: int | None = None) -> dict[str, torch.Tensor]:
+def expert_usage(model, tokenizer, texts_by_group: dict[str, list[str]],
+                 top: int | None = None) -> dict[str, torch.Tensor]:
     """{group (e.g. domain): (layers, experts) fraction of its tokens that put each expert among their `top`
     highest-weight experts (default: all top-k; `Routing.usage`)}.
 
