@@ -34,6 +34,7 @@ from olmo_lab.config import OlmoConfig
 from olmo_lab.flexolmo import gaussian_router_rows, merge, residual_stats, train_expert, tune_router, upcycle
 from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
 from olmo_lab.model import OlmoModel
+from olmo_lab.trace import trace
 from olmo_lab.train import (TokenStream, TrainConfig, bits_per_byte, init_weights, token_byte_lengths, train,
                             train_bpe_tokenizer)
 
@@ -201,17 +202,13 @@ def expert_model(p: dict, public: OlmoModel, name: str, rows: torch.Tensor, stre
 @torch.no_grad()
 def routing_fractions(model: OlmoModel, windows: torch.Tensor) -> list[list[float]]:
     """[layer][expert] share of tokens whose top-1 (highest-weight) expert is that expert."""
-    counts = torch.zeros(model.config.num_hidden_layers, model.config.num_experts)
-    for block in model.model.layers:
-        block.mlp.routing_hook = lambda i, routing, outputs: counts[i].add_(
-            torch.bincount(routing.topk_indices[:, 0], minlength=counts.shape[1]).float())
-    try:
-        for i in range(0, len(windows), 16):
-            model(windows[i:i + 16, :-1])
-    finally:
-        for block in model.model.layers:
-            block.mlp.routing_hook = None
-    return (counts / counts.sum(dim=1, keepdim=True)).tolist()
+    counts = 0
+    for i in range(0, len(windows), 16):
+        batch = windows[i:i + 16, :-1]
+        with trace(model, attention=False, routing=True) as tr:
+            model(batch)
+        counts = counts + torch.stack([tr.routing[l].usage(top=1) * batch.numel() for l in sorted(tr.routing)])
+    return (counts / windows[:, :-1].numel()).tolist()
 
 
 def evaluate_all(public: OlmoModel, owners: dict, merged: OlmoModel, tuned: OlmoModel, heldout: dict,
