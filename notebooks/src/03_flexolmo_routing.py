@@ -52,10 +52,11 @@ print(plots.routing_summary(tr.routing, names))
 # ## Which experts each domain uses
 # The share of each domain's tokens whose highest-weight expert is each expert (`top=1`: with top-k = all,
 # every expert is in every token's top-k), averaged over layers (and for the middle layer). A domain's
-# text should mostly go to its own expert. In `flexolmo-lab` math text does, and bible text goes to the
-# bible expert more than to any other; code and news text (and even public text) drift to the math expert
-# in the deeper layers (why: `lab/RESULTS.md`, which the last notebook prints) -- routing is the hard
-# part of FlexOlmo.
+# text should mostly go to its own expert. In `flexolmo-lab` each closed domain's text goes to its own
+# expert more than to any other -- less so on these short snippets than on the 128-token windows of
+# `lab/RESULTS.md` (79-93% there in the middle layers) -- while public text goes mostly to the news
+# expert, the one nearest plain prose (why: `lab/RESULTS.md`, which the last notebook prints). Routing
+# is the hard part of FlexOlmo.
 
 # %%
 usage = lens.expert_usage(model, tok, samples, top=1)

@@ -91,7 +91,9 @@ for name, w in probe.items():
 # ## Each owner trains alone
 # Embeddings, attention, norms, the LM head, the public expert and the router are frozen; only the
 # owner's expert learns, from the owner's data only. Each owner computes its own row alone: it equals
-# that owner's row in the joint `rows` above.
+# that owner's row in the joint `rows` above. (The shipped `flexolmo-lab` trains in rounds and, between
+# them, each owner re-measures `μ_i` on its own 2-expert model, where its tokens are once its expert has
+# run in the layers below: `lab.rebuild.expert_model`.)
 
 # %%
 config = TrainConfig(steps=60, lr=2e-3, warmup=10, weight_decay=0.0, batch_size=8, seq_len=64, progress=False)
