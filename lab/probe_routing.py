@@ -3,9 +3,9 @@
     python -m lab.probe_routing     # needs the lab data (lab/build_data.py); about a minute on 2 cores
 
 In the merged FlexOlmo each layer's input has been changed by the experts below it (routing drift).
-This probe removes that: it classifies held-out tokens of every domain with the rows the rebuild
-uses, measured on the frozen olmo3-lab, and compares other ways of computing them:
-- the shipped rows (`gaussian_router_rows`: shared public covariance, constant folded along m);
+This probe removes that: it classifies held-out tokens of every domain with the rows of the rebuild's
+first training round, measured on the frozen olmo3-lab, and compares other ways of computing them:
+- those rows (`gaussian_router_rows`: shared public covariance, constant folded along m);
 - the same Gaussian classifier with a true bias term (a bias-free FlexOlmo router cannot have one);
 - the constant folded along the minimum-variance direction S^-1 m instead of m;
 - each owner's covariance pooled from public and its own text (a domain-vs-public discriminant).

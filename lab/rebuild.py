@@ -1,6 +1,6 @@
 """Rebuild the shipped lab checkpoints from scratch: data, tokenizer, public model, experts, merge, evaluation.
 
-    make lab-models                        # about an hour on a 2-core CPU, with pinned CPU numerics
+    make lab-models                        # about 52 minutes on a 2-core CPU, with pinned CPU numerics
     python -m lab.rebuild --preset smoke   # a few-minute run of the same pipeline into .cache/lab-smoke/
 
 Writes olmo_lab/lab_models/{olmo3-lab,flexolmo-lab}/ (bf16 safetensors + tokenizer + model card),
@@ -9,10 +9,10 @@ so an interrupted rebuild resumes where it stopped. Fixed seeds throughout.
 
 The recipe (see olmo_lab/flexolmo.py and docs): a dense OLMo 3 public model on the public mix; per
 closed domain an independent 2-expert model [frozen public FFN, trainable copy] whose router rows make a
-Gaussian domain classifier (domain embeddings = mean residual streams of the frozen public model; see
-`olmo_lab.flexolmo.gaussian_router_rows`), trained on that domain only; a merge of all of them without
-joint training. All numbers are measured on the bf16
-weights that are shipped.
+Gaussian domain classifier (domain embeddings = mean residual streams, first of the frozen public model,
+then, between training rounds, of the owner's own model; see `olmo_lab.flexolmo.gaussian_router_rows`
+and `expert_model`), trained on that domain only; a merge of all of them without joint training. All
+numbers are measured on the bf16 weights that are shipped.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ What each step does and why:
      document's embedding at layer l = the mean of its feed-forward inputs), and rows S^-1 mu_i make
      the router a Gaussian classifier of the domain. An external embedder's space has nothing to do
      with this model's hidden states; at our scale rows from it, trained against the public row only,
-     learned "not public", and after merging one row won nearly every token.
+     learned "not public", and after merging one row won nearly every token. In a merge, a layer's
+     input has passed through the experts below it, so the lab build lets each owner re-measure mu_i
+     on its own 2-expert model between training rounds and write the new rows (`set_router_rows`).
 5. Merge (`merge`): stack [r_pub; r_1..r_n] and [FFN_pub, FFN_1..FFN_n]; shared weights come from the
    public model, and the merge asserts they are bit-identical in every owner's model.
 6. Opt-out: `olmo_lab.experts_off(model, [name])` removes an expert before softmax and top-k, which is
