@@ -31,8 +31,8 @@ import torch
 from lab import build_data
 from olmo_lab import experts_off, load_model, save_model
 from olmo_lab.config import OlmoConfig
-from olmo_lab.flexolmo import (gaussian_router_rows, merge, residual_stats, set_router_rows, train_expert, tune_router,
-                               upcycle)
+from olmo_lab.flexolmo import (ResidualStats, gaussian_router_rows, merge, residual_stats, set_router_rows, train_expert,
+                               tune_router, upcycle)
 from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
 from olmo_lab.model import OlmoModel
 from olmo_lab.trace import trace
@@ -187,7 +187,7 @@ def public_model(p: dict, tok, streams: dict, work: Path) -> tuple[OlmoModel, li
     return bf16_round(model), taken
 
 
-def expert_model(p: dict, public: OlmoModel, name: str, stats, streams: dict, work: Path) -> OlmoModel:
+def expert_model(p: dict, public: OlmoModel, name: str, stats: ResidualStats, streams: dict, work: Path) -> OlmoModel:
     """One data owner's 2-expert model, trained on its own domain only, in rounds (`expert_rounds` steps each).
 
     The router rows make a Gaussian classifier of the domain from the owner's mean feed-forward input. In the
