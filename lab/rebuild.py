@@ -31,8 +31,8 @@ import torch
 from lab import build_data
 from olmo_lab import experts_off, load_model, save_model
 from olmo_lab.config import OlmoConfig
-from olmo_lab.flexolmo import (ResidualStats, gaussian_router_rows, merge, residual_stats, set_router_rows, train_expert,
-                               tune_router, upcycle)
+from olmo_lab.flexolmo import (ResidualStats, gaussian_router_rows, merge, residual_stats, set_router_rows,
+                               train_expert, tune_router, upcycle)
 from olmo_lab.heads import best_head, induction_scores, previous_token_scores, repeated_random_tokens
 from olmo_lab.model import OlmoModel
 from olmo_lab.trace import trace
@@ -338,8 +338,8 @@ def results_markdown(res: dict, targets, names: list[str], info: dict) -> str:
 
 
 def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dict) -> str:
-    sources = [f"- **{d}**: " + "; ".join(f"{s['package']} ({s['licence']}" + (f"; {s['part']})" if "part" in s else ")")
-                                      for s in m["sources"])
+    sources = [f"- **{d}**: " + "; ".join(f"{s['package']} ({s['licence']}"
+                                      + (f"; {s['part']})" if "part" in s else ")") for s in m["sources"])
                + f" -- {m['train']['chars']:,} training chars, {m['heldout']['chars']:,} held out"
                for d, m in manifest["domains"].items()]
     bpb = res["bpb"]
