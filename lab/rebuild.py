@@ -61,8 +61,8 @@ PRESETS = {
     # hidden 256, 4 layers (3 sliding + 1 full), vocab 4096: 4.7M params dense, 11M merged; ~32 MB in bf16.
     "full": dict(hidden=256, layers=4, heads=4, ffn=512, vocab=4096, context=256, window=128, public_batch=16,
                  # The induction head forms in a sudden drop of the copy loss whose step depends on the data and on
-                 # float rounding (150-650 steps so far: lab/RESULTS.md, "Time and reproducibility"), so the stage
-                 # runs until the head is found by score; the recovery stage grows it further.
+                 # float rounding (in our builds from inside the copy stage to 650 steps into this one: lab/RESULTS.md),
+                 # so the stage runs until the head is found by score; the recovery stage brings the text loss back.
                  public_stages=(Stage("public", 1200, 2e-3, spans=(129, 129)),
                                 Stage("public-copy", 400, 1e-3, repeat=0.3, spans=(8, 64), random=True),
                                 Stage("public-induction", 1000, 3e-3, final_ratio=1.0, repeat=1.0, random=True,
@@ -192,28 +192,30 @@ def expert_model(p: dict, public: OlmoModel, name: str, stats: ResidualStats, st
 
     The router rows make a Gaussian classifier of the domain from the owner's mean feed-forward input. In the
     first round that mean is measured on the public model. In a merge, though, a layer's input has already
-    passed through the experts below it, so each later round re-measures the mean on the owner's own model
-    (its expert active below) -- where its tokens will be when the layers below route them to it -- and the
-    expert trains on with those rows. Only the owner's data and the public statistics `stats` are used.
+    passed through the experts below it, so before each later round the owner re-measures the mean on its
+    own 2-expert model (its expert active in the layers below, as in a merge that routes its tokens to it)
+    and the expert trains on with the new rows (a fresh AdamW, warm-up and decay each round). Only the
+    owner's data and the public statistics `stats` are used.
     """
-    windows = streams[name]["train"].windows(p["window"], p["stats_windows"])[:, :-1]
-    source, owner = public, None
+    data = streams[name]["train"]
+    windows = data.windows(p["window"], p["stats_windows"])[:, :-1]
+    owner = None
     for r, steps in enumerate(p["expert_rounds"]):
         with torch.no_grad():
-            own = residual_stats(source, windows)
-        rows = gaussian_router_rows(stats, [own.mean], closed_bias=p["closed_bias"])  # (L, 2, H)
-        if owner is None:
+            domain = residual_stats(public if r == 0 else owner, windows)
+        rows = gaussian_router_rows(stats, [domain.mean], closed_bias=p["closed_bias"])  # (L, 2, H)
+        if r == 0:
             torch.manual_seed(SEED)
-            owner = source = upcycle(public, name, rows, train_router=False)
+            owner = upcycle(public, name, rows, train_router=False)
         else:
             set_router_rows(owner, rows)
         cfg = TrainConfig(steps=steps, lr=p["expert_lr"], warmup=min(30, steps // 5), weight_decay=0.0,
                           batch_size=p["expert_batch"], seq_len=p["window"], seed=SEED + r, checkpoint_every=50,
                           progress=False)
-        # a cached state must continue from this expert with these rows
+        # a cached state must come from this data and continue from this expert with these rows
         trained = b"".join(w.detach().numpy().tobytes() for w in owner.parameters() if w.requires_grad)
-        key = hashlib.sha256(rows.numpy().tobytes() + trained).hexdigest()[:10]
-        result = train_expert(owner, streams[name]["train"], cfg, checkpoint_dir=work / f"expert-{name}-{r}-{key}")
+        key = hashlib.sha256(data.ids.numpy().tobytes() + rows.numpy().tobytes() + trained).hexdigest()[:10]
+        result = train_expert(owner, data, cfg, checkpoint_dir=work / f"expert-{name}-{r}-{key}")
         log(f"expert {name} round {r}: final train loss {mean_tail(result.train_loss):.3f}")
     return bf16_round(owner)
 
@@ -372,9 +374,10 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                   for s, taken in zip(info["public_stages"], info["stage_steps"])],
                 "", "Natural-text repeats alone gave no induction head in our budget (score about 0.01 after the "
                 "first stage), so the head is trained in by the synthetic copy task: it forms in a sudden drop of "
-                "the copy loss (the phase change of Olsson et al., 2022) after a few thousand copy windows; the last stage "
+                "the copy loss (the phase change of Olsson et al., 2022); the last stage "
                 "brings the text loss back while still practising copying. When the drop comes depends on the "
-                "data and on float rounding (150-650 steps in our builds), so that stage runs until the "
+                "data and on float rounding (in our builds, from inside the copy stage to 650 steps into the induction "
+                "stage), so that stage runs until the "
                 "induction head is found by score, and `make lab-models` pins the CPU's float kernels (AVX2 in ATen, MKL "
                 "and oneDNN) so that other x86-64 machines round the same way (`lab/RESULTS.md`, \"Time and "
                 "reproducibility\")."]
@@ -392,7 +395,7 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "1. Public anchor = olmo3-lab.",
                 "2. Per domain: upcycle to 2 experts [public (frozen), copy]; freeze embeddings, attention, norms, "
                 "LM head, the public expert and the router (requires_grad=False); top-2 of 2. Router rows from domain embeddings where the "
-                "fixed embedder is the public model itself (a document's embedding at layer l = the mean of its "
+                "embedder is the model itself (a document's embedding at layer l = the mean of its "
                 "feed-forward inputs; the paper's GritLM-7B is not available offline and its space is unrelated "
                 "to this model's hidden states): with the public text's covariance S, row i = S⁻¹μᵢ with the "
                 "constant −μᵢ·S⁻¹μᵢ/2 folded along the public mean, so the router is a Gaussian classifier of "
@@ -403,9 +406,9 @@ def model_card(kind: str, info: dict, res: dict, names: list[str], manifest: dic
                 "every token (an earlier run).",
                 f"3. Train each expert in rounds of {' + '.join(map(str, info['expert_rounds']))} steps of "
                 f"{info['expert_batch']} × {info['window']} tokens of its own domain, lr {info['expert_lr']}, no weight "
-                "decay. Before each round after the first, the owner re-measures its domain mean on its own "
-                "2-expert model (its expert active in the layers below), where its tokens are in a merge once the "
-                "layers below route them to it, and rebuilds its rows from it.",
+                "decay. The first round's rows use the domain mean measured on the public model. Before each later "
+                "round the owner re-measures it on its own 2-expert model, where its expert has already changed "
+                "the layers below (as in a merge that routes its tokens to it), and rebuilds its rows from it.",
                 "4. Merge: stack router rows and expert FFNs; shared weights asserted bit-identical.",
                 "5. Opt-out (`olmo_lab.experts_off(model, ['math'])`) equals a merge without that expert (checked).",
                 "Router tuning is measured in the results but **not** applied to this checkpoint (it would weaken "

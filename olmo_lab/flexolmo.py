@@ -147,7 +147,8 @@ def gaussian_router_rows(public: ResidualStats, domain_means: Sequence[torch.Ten
     """(L, 1 + n, H) router rows that make each layer's router a Gaussian domain classifier.
 
     Treat each domain's feed-forward inputs as Gaussian with its own mean mu_i (`domain_means[i]`,
-    (L, H), measured by the owner on its own data with the frozen public model) and one shared
+    (L, H), measured by the owner on its own data with the frozen public model, or with its own
+    2-expert model, whose expert changes the layers above the first) and one shared
     covariance S (the public text's, shrunk towards a multiple of I). Bayes' rule then gives linear
     logits  h . S^-1 mu_i  -  mu_i . S^-1 mu_i / 2,  so softmax(router) is the posterior P(domain | h).
     Each row needs only its own domain's mean and public statistics, so owners compute theirs
