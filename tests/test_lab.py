@@ -446,7 +446,7 @@ def test_shipped_checkpoint_loads_here_and_in_transformers(name):
     with torch.no_grad():
         assert max_diff(model(ids).logits, hf(ids).logits) <= 1e-4
     if model.config.is_moe:
-        assert model.config.expert_names == ["public", "code", "math", "news", "bible"]
+        assert model.config.expert_names == ["public", "code", "math", "dictionary", "bible"]
         assert json.load(open(os.path.join(path, "config.json")))["expert_names"] == model.config.expert_names
     else:
         assert {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
@@ -529,6 +529,33 @@ def test_data_split_keeps_owners_held_out_and_public_shares_apart(monkeypatch):
         assert (train, heldout) == build_data.split(docs[d], build_data.SEED + i, 20000)[:2]
         assert not set(share) & set(train + heldout), d  # the owner never trains or evaluates on the share
         assert any(s.get("part", "").startswith(f"{len(share)} {d} documents") for s in sources), sources
+
+
+def test_wordnet_documents_keep_each_sense_once_with_its_part_of_speech(tmp_path):
+    """lab.build_data.wordnet_docs: a synset's gloss, which dictd repeats under each of its words, is kept at its
+    first headword only (else held-out glosses copy training ones); a kept sense keeps its part of speech even
+    when the sense that named it was dropped; entries are joined into runs of about `chars` characters."""
+    import gzip
+
+    from lab import build_data
+
+    dict_file = tmp_path / "usr/share/dictd/wn.dict.dz"
+    dict_file.parent.mkdir(parents=True)
+    dict_file.write_bytes(gzip.compress((
+        "00-database-info\n     This file was converted from the original database\n"
+        "acclaim\n    n 1: enthusiastic approval; \"the book met with modest\n         acclaim\" [syn: {acclaim},\n"
+        "         {plaudit}]\n    v 1: praise vociferously [syn: {acclaim}, {hail}]\n"
+        "dunk\n    n 1: a basketball shot\n    v 1: praise vociferously [syn: {acclaim}, {hail}]\n"
+        "    2: make a dunk shot, in basketball\n"
+        "plaudit\n    n 1: enthusiastic approval; \"the book met with modest\n         acclaim\" [syn: {acclaim},\n"
+        "         {plaudit}]\n"
+        "zebra\n    n 1: any of several fleet black-and-white striped African equines\n").encode()))
+    docs = build_data.wordnet_docs(tmp_path, chars=1)  # every entry ends a run
+    assert docs == ['acclaim\nn 1: enthusiastic approval; "the book met with modest acclaim" [syn: {acclaim}, {plaudit}]'
+                    '\nv 1: praise vociferously [syn: {acclaim}, {hail}]',
+                    "dunk\nn 1: a basketball shot\nv 2: make a dunk shot, in basketball",
+                    "zebra\nn 1: any of several fleet black-and-white striped African equines"]
+    assert build_data.wordnet_docs(tmp_path, chars=150) == ["\n".join(docs[:2])]  # the last, short run is dropped
 
 
 def test_the_rebuild_pipeline_end_to_end_in_miniature(tmp_path, monkeypatch):
