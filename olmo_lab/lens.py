@@ -127,8 +127,9 @@ def expert_usage(model, tokenizer, texts_by_group: dict[str, list[str]],
 
 def usage_table(usage: dict[str, torch.Tensor], expert_names: list[str], layer: int | None = None) -> str:
     """Text table of `expert_usage`, averaged over layers unless `layer` is given."""
-    lines = [f"{'group':<14}" + "".join(f"{n[:9]:>10}" for n in expert_names)]
+    w = max(10, 1 + max(map(len, expert_names)))  # a column as wide as the longest expert name, and a space
+    lines = [f"{'group':<14}" + "".join(f"{n:>{w}}" for n in expert_names)]
     for group, u in usage.items():
         row = u.mean(0) if layer is None else u[layer]
-        lines.append(f"{group:<14}" + "".join(f"{v:10.2f}" for v in row.tolist()))
+        lines.append(f"{group:<14}" + "".join(f"{v:{w}.2f}" for v in row.tolist()))
     return "\n".join(lines)

@@ -48,10 +48,11 @@ class RoutingRecord:
     def table(self, max_rows: int = 40) -> str:
         """A text table: token, top expert and its weight, and the full probability row."""
         names = self.expert_names
-        lines = [f"{'token':<16}{'top':>10}{'weight':>8}  " + " ".join(f"{n[:7]:>7}" for n in names)]
+        w = max(7, *map(len, names))  # a column as wide as the longest expert name
+        lines = [f"{'token':<16}{'top':>{w + 3}}{'weight':>8}  " + " ".join(f"{n:>{w}}" for n in names)]
         for i, tok in enumerate(self.tokens[:max_rows]):
-            probs = " ".join(f"{p:7.3f}" for p in self.probs[i].tolist())
-            lines.append(f"{tok!r:<16}{self.top_expert[i]:>10}{self.topk_weights[i, 0].item():8.3f}  {probs}")
+            probs = " ".join(f"{p:{w}.3f}" for p in self.probs[i].tolist())
+            lines.append(f"{tok!r:<16}{self.top_expert[i]:>{w + 3}}{self.topk_weights[i, 0].item():8.3f}  {probs}")
         return "\n".join(lines)
 
 
