@@ -54,9 +54,9 @@ print(plots.routing_summary(tr.routing, names))
 # every expert is in every token's top-k), averaged over layers (and for the middle layer). A domain's
 # text should mostly go to its own expert. In `flexolmo-lab` each closed domain's text goes to its own
 # expert more than to any other -- less so on these short snippets than on the 128-token windows of
-# `lab/RESULTS.md` (79-93% there in the middle layers) -- while public text goes mostly to the news
-# expert, the one nearest plain prose (why: `lab/RESULTS.md`, which the last notebook prints). Routing
-# is the hard part of FlexOlmo.
+# `lab/RESULTS.md` (84-95% there in the middle layers) -- and public text goes mostly to the public
+# expert, with a third or more of it to closed experts (why that costs: `lab/RESULTS.md`, which the last
+# notebook prints). Routing is the hard part of FlexOlmo.
 
 # %%
 usage = lens.expert_usage(model, tok, samples, top=1)

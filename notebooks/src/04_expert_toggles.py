@@ -106,9 +106,9 @@ def loss_row(mode=None, off=None):
 rows = {"all experts": loss_row()}
 for name in closed:
     rows[f"{name} opted out"] = loss_row("opt_out", name)
-print(f"{'bits per byte':<22}" + "".join(f"{d:>9}" for d in samples))
+print(f"{'bits per byte':<22}" + "".join(f"{d:>11}" for d in samples))
 for label, row in rows.items():
-    print(f"{label:<22}" + "".join(f"{v:9.3f}" for v in row.values()))
+    print(f"{label:<22}" + "".join(f"{v:11.3f}" for v in row.values()))
 
 # %% [markdown]
 # ## Opt-out versus dropping after routing
@@ -130,10 +130,10 @@ for name in closed[:2]:
 # opted out: not merely close, bit for bit.
 
 # %%
-ids = torch.tensor([tok.encode(samples["news"][0])])
+ids = torch.tensor([tok.encode(samples["dictionary"][0])])
 for name in closed:
     keep = [n for n in names if n != name]
     never_had_it = olmo_lab.load_model(path, experts=keep)
     with torch.no_grad(), olmo_lab.experts_off(model, [name]):
         diff = (never_had_it(ids).logits - model(ids).logits).abs().max().item()
-    print(f"without {name:<7}: max |logit difference| {diff} (identical: {diff == 0})")
+    print(f"without {name:<10}: max |logit difference| {diff} (identical: {diff == 0})")

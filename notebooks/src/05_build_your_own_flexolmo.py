@@ -18,10 +18,12 @@
 import os
 import random
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
 import olmo_lab
 from olmo_lab import flexolmo, lens
@@ -137,9 +139,9 @@ table["merged FlexOlmo"] = row(flex)
 for name in domains:
     with olmo_lab.experts_off(flex, [name]):
         table[f"merged, {name} opted out"] = row(flex)
-print(f"{'':<26}" + "".join(f"{d:>9}" for d in windows))
+print(f"{'':<30}" + "".join(f"{d:>11}" for d in windows))
 for label, values in table.items():
-    print(f"{label:<26}" + "".join(f"{v:9.3f}" for v in values.values()))
+    print(f"{label:<30}" + "".join(f"{v:11.3f}" for v in values.values()))
 
 # README figure
 fig, ax = plt.subplots(figsize=(8, 3))
@@ -148,8 +150,35 @@ for i, (label, values) in enumerate(table.items()):
     ax.bar([d + i * width for d in range(len(windows))], list(values.values()), width, label=label)
 ax.set_xticks([d + 0.4 - width / 2 for d in range(len(windows))], list(windows))
 ax.set_ylabel("held-out bits per byte"); ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-ax.set_title("independently trained experts, merged: each domain improves; opting out undoes it")
+ax.set_title("independently trained experts, merged without joint training; opting one out")
 plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ## Where the merge loses: the tokens another expert takes
+# On arith the merge comes close to its owner's model. On code it does worse than even the public model,
+# although the code owner's own model beats it: opting `arith` out gives back exactly the code owner's
+# model, so the loss comes from the arith expert taking part in code tokens. Which ones? Below, per layer,
+# the share of held-out code tokens whose top-1 expert is arith, the share of the merge's extra loss (over
+# the code owner's model) on the tokens arith tops in layer 1, and the commonest such tokens. The held-out
+# code (`colorsys.py` and `queue.py`) has float constants (`y = 0.30*r + 0.59*g + 0.11*b`): arith claims
+# their digits, points and spaces, and predicts what follows a digit in a sum, not in Python. The full-size build
+# measures the same effect for every domain (`lab/RESULTS.md`: "the tokens other experts take").
+
+# %%
+targets = windows["code"][:, 1:].flatten()  # (B*S,) the next token at every position
+with torch.no_grad():
+    with olmo_lab.trace(flex, attention=False, routing=True, tokenizer=tok) as tr:
+        merged_nll = F.cross_entropy(flex(windows["code"][:, :-1]).logits.flatten(0, 1), targets, reduction="none")
+    owner_nll = F.cross_entropy(owners["code"](windows["code"][:, :-1]).logits.flatten(0, 1), targets,
+                                reduction="none")
+arith = flex.experts.names.index("arith")
+print("code tokens whose top-1 expert is arith, per layer:",
+      [round((tr.routing[l].topk_indices[:, 0] == arith).float().mean().item(), 2) for l in sorted(tr.routing)])
+taken = tr.routing[1].topk_indices[:, 0] == arith  # (B*S,)
+extra = merged_nll - owner_nll
+print(f"share of the merge's extra loss on the tokens arith tops in layer 1: {extra[taken].sum() / extra.sum():.2f}")
+common = Counter(tr.routing[1].tokens[i] for i in taken.nonzero().flatten().tolist()).most_common(12)
+print("commonest:", ", ".join(f"{t!r} {n}" for t, n in common))
 
 # %% [markdown]
 # ## Routing
