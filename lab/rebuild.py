@@ -1,6 +1,6 @@
 """Rebuild the shipped lab checkpoints from scratch: data, tokenizer, public model, experts, merge, evaluation.
 
-    make lab-models                        # about 52 minutes on a 2-core CPU, with pinned CPU numerics
+    make lab-models                        # about 54 minutes on a 2-core CPU, with pinned CPU numerics
     python -m lab.rebuild --preset smoke   # a few-minute run of the same pipeline into .cache/lab-smoke/
 
 Writes olmo_lab/lab_models/{olmo3-lab,flexolmo-lab}/ (bf16 safetensors + tokenizer + model card),

@@ -167,3 +167,17 @@ def test_each_traced_sequence_is_kept(flex):
     per_seq = tr.routing_per_sequence()
     assert [seq[0].logits.shape[0] for seq in per_seq] == [5, 9]
     assert torch.equal(per_seq[1][0].logits, tr.routing[0].logits)
+
+
+def test_routing_tables_fit_long_expert_names():
+    """The text tables widen their columns to the longest expert name instead of cutting it."""
+    from olmo_lab.lens import usage_table
+    from olmo_lab.trace import RoutingRecord
+
+    names = ["public", "dictionary", "a-very-long-expert-name"]
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    record = RoutingRecord(logits=probs.log(), probs=probs, topk_indices=probs.argsort(-1, descending=True),
+                           topk_weights=probs.sort(-1, descending=True).values, tokens=["a", "b"], expert_names=names)
+    for table in (record.table(), usage_table({"text": probs, "code": probs.flip(0)}, names)):
+        lines = table.splitlines()
+        assert all(n in lines[0] for n in names) and len({len(line) for line in lines}) == 1, table

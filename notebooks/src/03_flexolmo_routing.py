@@ -55,8 +55,8 @@ print(plots.routing_summary(tr.routing, names))
 # text should mostly go to its own expert. In `flexolmo-lab` each closed domain's text goes to its own
 # expert more than to any other -- less so on these short snippets than on the 128-token windows of
 # `lab/RESULTS.md` (84-95% there in the middle layers) -- and public text goes mostly to the public
-# expert, with a third or more of it to closed experts (why that costs: `lab/RESULTS.md`, which the last
-# notebook prints). Routing is the hard part of FlexOlmo.
+# expert, with about a quarter of it to closed experts here (33-42% in layers 1-3 of `lab/RESULTS.md`,
+# which notebook 05 prints; why that costs is explained there). Routing is the hard part of FlexOlmo.
 
 # %%
 usage = lens.expert_usage(model, tok, samples, top=1)

@@ -64,11 +64,12 @@ for domain in closed:
 
 # %% [markdown]
 # ## The next-token distribution
-# A math prompt, with and without the math expert: the top candidates and the KL divergence.
+# A math prompt in set.mm's formal notation (the math expert's domain; the samples above start with the
+# English comments), with and without the math expert: the top candidates and the KL divergence.
 
 # %%
 # README figure
-prompt = samples["math"][1][:80]
+prompt = "|- ( ( A e. RR /\\ B e. RR ) -> ( A +"
 ids = torch.tensor([tok.encode(prompt)])
 with torch.no_grad():
     before = model(ids).logits[0, -1].float().softmax(-1)

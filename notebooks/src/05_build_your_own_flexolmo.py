@@ -122,7 +122,8 @@ print("shared weights identical in every owner:",
 # %% [markdown]
 # ## Does it work? Held-out bits per byte
 # Lower is better. The merged model should approach each owner's model on that owner's domain and
-# beat the public model there; opting a domain out should bring its loss back up.
+# beat the public model there (here it does on arith, not on code: the next section shows why); opting
+# a domain out should bring its loss back up.
 
 # %%
 byte_lengths = token_byte_lengths(tok)
@@ -159,9 +160,10 @@ plt.tight_layout(); plt.show()
 # although the code owner's own model beats it: opting `arith` out gives back exactly the code owner's
 # model, so the loss comes from the arith expert taking part in code tokens. Which ones? Below, per layer,
 # the share of held-out code tokens whose top-1 expert is arith, the share of the merge's extra loss (over
-# the code owner's model) on the tokens arith tops in layer 1, and the commonest such tokens. The held-out
-# code (`colorsys.py` and `queue.py`) has float constants (`y = 0.30*r + 0.59*g + 0.11*b`): arith claims
-# their digits, points and spaces, and predicts what follows a digit in a sum, not in Python. The full-size build
+# the code owner's model) on the tokens arith tops in layer 1, and the commonest such tokens. The measured
+# code windows are the first ~1,000 tokens of the held-out `colorsys.py`, full of float constants
+# (`y = 0.30*r + 0.59*g + 0.11*b`): arith claims their digits, points and spaces, and predicts what
+# follows a digit in a sum, not in Python. The full-size build
 # measures the same effect for every domain (`lab/RESULTS.md`: "the tokens other experts take").
 
 # %%
