@@ -149,7 +149,7 @@ def wordnet_docs(root: Path, chars: int = 1500) -> list[str]:
     WordNet repeats a synset's gloss under every one of its words (acclaim, acclamation, plaudit, ...), so a
     sense is kept only at its first headword: otherwise held-out glosses would be copies of training ones.
     Known flaw, kept so that this reproduces the shipped build: dictd wraps lines after hyphens, and joining a
-    sense's lines with spaces writes "cast- iron" (385 places in the 3.5M training characters, 10 held out);
+    sense's lines with spaces writes "cast- iron" (about 400 places in 3.5M training characters, 10 held out);
     the next rebuild should join those without the space (and a few senses whose wrap differs stay twice)."""
     text = gzip.decompress((root / "usr/share/dictd/wn.dict.dz").read_bytes()).decode("utf-8")  # dictzip is gzip
     docs, run, seen = [], [], set()
