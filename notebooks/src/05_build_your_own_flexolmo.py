@@ -163,8 +163,8 @@ plt.tight_layout(); plt.show()
 # the code owner's model) on the tokens arith tops in layer 1, and the commonest such tokens. The measured
 # code windows are the first ~1,000 tokens of the held-out `colorsys.py`, full of float constants
 # (`y = 0.30*r + 0.59*g + 0.11*b`): arith claims their digits, points and spaces, and predicts what
-# follows a digit in a sum, not in Python. The full-size build
-# measures the same effect for every domain (`lab/RESULTS.md`: "the tokens other experts take").
+# follows a digit in a sum, not in Python. The full-size build measures the same effect for every
+# domain (`lab/RESULTS.md`: "the tokens other experts take").
 
 # %%
 targets = windows["code"][:, 1:].flatten()  # (B*S,) the next token at every position
