@@ -88,13 +88,16 @@ class OlmoModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+                use_cache: bool = False, logits_to_keep: int = 0, start_at_layer: int = 0,
+                resid: torch.Tensor | None = None) -> ModelOutput:
         """Logits for input_ids (B, S).
 
         attention_mask (B, past + S): 1 for real tokens, 0 for padding, covering the cached tokens too.
         position_ids (B, S): default `past + arange(S)` (not padding-aware, as in transformers' forward;
         `generate` derives them from the mask). cache: extended in place; `use_cache=True` starts one.
         logits_to_keep: 0 for every position, n for the last n.
+        start_at_layer, resid: run only blocks start_at_layer.. on the residual stream resid (B, S, H)
+        (e.g. a patched one; input_ids still give the shape), skipping the embedding and the blocks below.
         """
         if cache is None and use_cache:
             cache = self.new_cache()
@@ -102,16 +105,17 @@ class OlmoModel(nn.Module):
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, S)
+        self._check_start(start_at_layer, resid, B, S, cache)
         snapshot = cache.snapshot() if cache is not None else None
         hooks = self.hooks if self.hooks.active else None
         if hooks is not None:
             hooks.begin(input_ids, attention_mask, past, cache)
         try:
-            x = self.model.embed_tokens(input_ids)  # (B, S, H)
+            x = self.model.embed_tokens(input_ids) if resid is None else resid  # (B, S, H)
             cos_sin = self.model.rotary(position_ids)  # {layer type: (cos, sin)}, fp32
             masks = {t: build_mask(B, S, past, self.config.window(self.config.layer_types.index(t)),
                                    attention_mask, input_ids.device) for t in cos_sin}
-            for block, layer_type in zip(self.model.layers, self.config.layer_types):
+            for block, layer_type in zip(self.model.layers[start_at_layer:], self.config.layer_types[start_at_layer:]):
                 x = block(x, cos_sin[layer_type], masks[layer_type], cache)
             x = self.model.norm(x)
             if logits_to_keep:
@@ -165,6 +169,22 @@ class OlmoModel(nn.Module):
             if bool((position_ids < 0).any()):
                 raise InputError("position_ids: positions must be >= 0")
         return past
+
+    def _check_start(self, layer, resid, B, S, cache) -> None:
+        n, H = self.config.num_hidden_layers, self.config.hidden_size
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise InputError(f"start_at_layer: expected a layer in 0..{n - 1}, got {layer!r}")
+        if resid is None:
+            if layer:
+                raise InputError("start_at_layer > 0 needs resid, the residual stream entering that layer")
+            return
+        if not isinstance(resid, torch.Tensor) or resid.shape != (B, S, H) or resid.dtype != self.dtype \
+                or resid.device != self.device:
+            got = f"{resid.dtype} {tuple(resid.shape)} on {resid.device}" if isinstance(resid, torch.Tensor) else \
+                type(resid).__name__
+            raise InputError(f"resid: expected {self.dtype} {(B, S, H)} on {self.device}, got {got}")
+        if cache is not None:
+            raise InputError("resid: a forward from a residual stream takes no KV cache")
 
     # ------------------------------------------------------------------ helpers
     def new_cache(self) -> KVCache:

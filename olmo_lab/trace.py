@@ -183,12 +183,14 @@ class Trace:
     # ------------------------------------------------------------------ any hook point
     def __getitem__(self, name: str) -> torch.Tensor:
         """A recorded hook point over every call of the latest sequence, joined along its position axis
-        (token-flattened points come back as (B, S, ...))."""
+        (router logits come back as (B, S, E); an expert's outputs as its rows, call after call)."""
         info = self.model.hooks.info(name)
         pieces = self.run.values.get(name)
         if pieces is None:
             raise HookError(f"{name} was not recorded by this trace: pass it in trace(..., hooks=[...])")
-        if info.position_axis is None:  # (T, ...) rows b * S + s per call
+        if info.position_axis is None:  # (T, ...) rows b * S + s per call; an expert's rows: only its tokens
+            if any(t.shape[0] != ids.numel() for t, ids in zip(pieces, self.run.token_ids)):
+                return torch.cat(pieces)
             pieces = [t.reshape(ids.shape[0], ids.shape[1], *t.shape[1:])
                       for t, ids in zip(pieces, self.run.token_ids)]
             return torch.cat(pieces, dim=1)
