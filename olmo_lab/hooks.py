@@ -127,7 +127,7 @@ class HookRegistry:
     """Every hook point of one model: listing, attaching, detaching, and the current call's whereabouts."""
 
     def __init__(self, model):
-        self.model = model
+        # No reference back to the model: a model that fails to load must be freed without the garbage collector.
         self.points: dict[str, tuple[torch.nn.Module, str, PointInfo]] = {}  # name -> (owner, local key, info)
         self.call: tuple[int, int, int] = (0, 0, 0)  # (past, batch, length) of the forward running now
         self.listeners: list = []  # objects with begin(ids, mask, past, cache) and end(ok): see `trace`

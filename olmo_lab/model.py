@@ -97,7 +97,8 @@ class OlmoModel(nn.Module):
         `generate` derives them from the mask). cache: extended in place; `use_cache=True` starts one.
         logits_to_keep: 0 for every position, n for the last n.
         start_at_layer, resid: run only blocks start_at_layer.. on the residual stream resid (B, S, H)
-        (e.g. a patched one; input_ids still give the shape), skipping the embedding and the blocks below.
+        (e.g. a patched one; input_ids still give the shape and positions), skipping the embedding and the
+        blocks below; with a cache, only the layers that run extend their entries.
         """
         if cache is None and use_cache:
             cache = self.new_cache()
@@ -105,7 +106,7 @@ class OlmoModel(nn.Module):
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, S)
-        self._check_start(start_at_layer, resid, B, S, cache)
+        self._check_start(start_at_layer, resid, B, S)
         snapshot = cache.snapshot() if cache is not None else None
         hooks = self.hooks if self.hooks.active else None
         if hooks is not None:
@@ -170,7 +171,7 @@ class OlmoModel(nn.Module):
                 raise InputError("position_ids: positions must be >= 0")
         return past
 
-    def _check_start(self, layer, resid, B, S, cache) -> None:
+    def _check_start(self, layer, resid, B, S) -> None:
         n, H = self.config.num_hidden_layers, self.config.hidden_size
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
             raise InputError(f"start_at_layer: expected a layer in 0..{n - 1}, got {layer!r}")
@@ -183,8 +184,6 @@ class OlmoModel(nn.Module):
             got = f"{resid.dtype} {tuple(resid.shape)} on {resid.device}" if isinstance(resid, torch.Tensor) else \
                 type(resid).__name__
             raise InputError(f"resid: expected {self.dtype} {(B, S, H)} on {self.device}, got {got}")
-        if cache is not None:
-            raise InputError("resid: a forward from a residual stream takes no KV cache")
 
     # ------------------------------------------------------------------ helpers
     def new_cache(self) -> KVCache:

@@ -1,4 +1,5 @@
-"""Interactive views for notebooks: the expert switchboard and the attention explorer (ipywidgets).
+"""Interactive views for notebooks: the expert switchboard, the attention explorer and the patching
+explorer (ipywidgets).
 
 The logic lives in plain-Python state objects (`SwitchboardState`, `AttentionExplorerState`) whose
 `update()` tests call directly; the widget classes only wire controls to them. Every refresh prints a
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import io
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import matplotlib.pyplot as plt
 import torch
 
-from .errors import OlmoLabError
+from .errors import InputError, OlmoLabError
 from .experts import experts_off
 from .generate import generate
 from .plots import attention_heatmap, kl_divergence, next_token_comparison, routing_heatmap
@@ -258,6 +259,89 @@ class AttentionExplorer(_WidgetView):
     def refresh(self) -> str:
         """Apply the selectors, redraw, and print (return) the text summary."""
         self.state.select(self.layer.value, self.head.value, self.query.value)
+        return self._show(self.state.summary(), lambda: [self.state.figure()])
+
+
+# ---------------------------------------------------------------------------------------- patching explorer
+class PatchingExplorerState:
+    """Activation patching of a clean/corrupted prompt pair, scored by logit(answer) - logit(distractor) at
+    the last position, over a chosen kind of site; one layer is selected for the summary."""
+
+    def __init__(self, model, tokenizer, clean: str, corrupt: str, answer: str, distractor: str):
+        from .patching import patch
+
+        ids = [tokenizer.encode(t) for t in (clean, corrupt)]
+        if len(ids[0]) != len(ids[1]) or not ids[0]:
+            raise InputError(f"clean and corrupt prompts must tokenize to the same, non-zero number of tokens "
+                             f"(got {len(ids[0])} and {len(ids[1])})")
+        self.answer, self.distractor = tokenizer.encode(answer)[0], tokenizer.encode(distractor)[0]
+        self.model, self.tokenizer = model, tokenizer
+        self.clean, self.corrupt = torch.tensor([ids[0]]), torch.tensor([ids[1]])
+        self.tokens = tokenizer.token_strings(ids[0])
+        self.sites = ["resid_pre", "heads"] + (["experts"] if model.config.is_moe else [])
+        self._patch, self._grids = patch, {}
+        self.site, self.layer = "resid_pre", model.config.num_hidden_layers - 1
+
+    def metric(self, logits):
+        return logits[0, -1, self.answer] - logits[0, -1, self.distractor]
+
+    def select(self, site: str | None = None, layer: int | None = None) -> None:
+        """Choose the kind of site and the layer; checked before anything changes."""
+        n = self.model.config.num_hidden_layers
+        if site is not None and site not in self.sites:
+            raise InputError(f"site: expected one of {self.sites}, got {site!r}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n):
+            raise InputError(f"layer: {layer!r} is out of range (0..{n - 1})")
+        self.site = site or self.site
+        self.layer = self.layer if layer is None else layer
+
+    @property
+    def grid(self):
+        """The PatchingResult of the selected site (computed once per site)."""
+        if self.site not in self._grids:
+            self._grids[self.site] = self._patch(self.model, self.clean, self.corrupt, self.metric, site=self.site,
+                                                 progress=False)
+        return self._grids[self.site]
+
+    def summary(self) -> str:
+        g = self.grid
+        row = g.normalised()[self.layer]
+        columns = [f"{c} {self.tokens[int(c)]!r}" for c in g.columns] if self.site == "resid_pre" else g.columns
+        top = row.abs().argsort(descending=True)[:3].tolist()
+        parts = ", ".join(f"{columns[i]} {row[i]:+.2f}" for i in top)
+        return (f"{self.site}, layer {self.layer}: metric clean {g.clean:.3f}, corrupted {g.corrupt:.3f}; "
+                f"most restoring: {parts}")
+
+    def figure(self):
+        g = self.grid
+        columns = [f"{t!r}" for t in self.tokens] if self.site == "resid_pre" else g.columns
+        fig = replace(g, columns=columns).plot()  # the tokens as column labels
+        ax = fig.axes[0]
+        ax.add_patch(plt.Rectangle((-0.5, self.layer - 0.5), len(columns), 1, fill=False, lw=2, ec="black"))
+        return fig
+
+
+class PatchingExplorer(_WidgetView):
+    """Site and layer selectors over an activation-patching sweep, with its heatmap."""
+
+    def __init__(self, model, tokenizer, clean: str, corrupt: str, answer: str, distractor: str, echo: bool = True):
+        import ipywidgets as w
+
+        self.state = PatchingExplorerState(model, tokenizer, clean, corrupt, answer, distractor)
+        self.echo = echo
+        self.site = w.Dropdown(options=self.state.sites, value=self.state.site, description="site")
+        self.layer = w.Dropdown(options=list(range(model.config.num_hidden_layers)), value=self.state.layer,
+                                description="layer")
+        self.text = w.HTML()
+        self.images = [w.Image(format="png", layout=w.Layout(width="auto", height="auto", max_width="95%"))]
+        for control in (self.site, self.layer):
+            control.observe(lambda _change: self.refresh(), names="value")
+        self.widget = w.VBox([w.HBox([self.site, self.layer]), self.text, self.images[0]])
+        self.widget.add_class("olmo-lab-patching")
+
+    def refresh(self) -> str:
+        """Apply the selectors, redraw, and print (return) the text summary."""
+        self.state.select(self.site.value, self.layer.value)
         return self._show(self.state.summary(), lambda: [self.state.figure()])
 
 

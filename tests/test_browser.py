@@ -47,7 +47,7 @@ def lab(tmp_path_factory):
     """A JupyterLab server on a copy of the notebooks; always shut down, even when a test fails."""
     _ensure_chromium()
     root = tmp_path_factory.mktemp("lab")
-    for nb in ("02_attention_maps.ipynb", "04_expert_toggles.ipynb"):
+    for nb in ("02_attention_maps.ipynb", "04_expert_toggles.ipynb", "07_interventions.ipynb"):
         shutil.copy(ROOT / "notebooks" / nb, root / nb)
     port, token = _free_port(), secrets.token_hex(16)
     settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
@@ -235,5 +235,28 @@ def test_attention_explorer_in_the_browser(lab, browser):
     _redrawn(image, lambda: heads.select_option(index=start[1]))
     assert explorer.locator(".olmo-lab-summary").inner_text() == summary_before
     _save(page, explorer, "attention_explorer.png")  # the heatmap matches the summary line
+    assert not errors, errors
+    page.close()
+
+
+def test_patching_explorer_in_the_browser(lab, browser):
+    page, errors = _open_and_run_all(browser, lab, "07_interventions.ipynb")
+    explorer = _wait_for_widget(page, ".olmo-lab-patching", errors)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=600_000)
+    explorer.scroll_into_view_if_needed()
+    image = explorer.locator("img").first
+    image.wait_for(timeout=60_000)
+    # the notebook's last widget cell leaves it on the residual stream, layer 0
+    summary = _wait_for_text(explorer.locator(".olmo-lab-summary"),
+                             lambda t: t.startswith("resid_pre, layer 0") and _cells_done(page), timeout=600)
+    sites, layers = explorer.locator("select").nth(0), explorer.locator("select").nth(1)
+    _redrawn(image, lambda: sites.select_option("heads"))
+    assert explorer.locator(".olmo-lab-summary").inner_text().startswith("heads, layer 0")
+    _redrawn(image, lambda: layers.select_option("3"))
+    assert "head 0" in explorer.locator(".olmo-lab-summary").inner_text()
+    _redrawn(image, lambda: sites.select_option("resid_pre"))
+    _redrawn(image, lambda: layers.select_option("0"))
+    assert explorer.locator(".olmo-lab-summary").inner_text() == summary
+    _save(page, explorer, "patching_explorer.png")
     assert not errors, errors
     page.close()

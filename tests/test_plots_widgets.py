@@ -8,7 +8,9 @@ import olmo_lab
 from olmo_lab import plots
 from olmo_lab.lens import expert_usage
 from olmo_lab.trace import trace
-from olmo_lab.widgets import AttentionExplorer, AttentionExplorerState, ExpertSwitchboard, SwitchboardState
+from olmo_lab.errors import InputError
+from olmo_lab.widgets import (AttentionExplorer, AttentionExplorerState, ExpertSwitchboard, PatchingExplorer,
+                              PatchingExplorerState, SwitchboardState)
 from oracle import char_tokenizer, flex_config, make_checkpoint, olmo3_config
 
 matplotlib.use("Agg")
@@ -146,3 +148,23 @@ def test_attention_explorer(olmo3, capsys):
     assert "layer 3 head 0" in capsys.readouterr().out and "sees keys 0..10" in ex.text.value
     ex.head.value = 1
     assert "layer 3 head 1" in capsys.readouterr().out
+
+
+def test_patching_explorer(flex, capsys):
+    model, tok = flex
+    state = PatchingExplorerState(model, tok, "abcdefgh", "abcXefgh", "a", "b")
+    assert state.sites == ["resid_pre", "heads", "experts"] and state.layer == 1
+    text = state.summary()
+    assert text.startswith("resid_pre, layer 1: metric clean") and "3 'd'" in text  # the changed position
+    state.select(site="experts", layer=0)
+    assert state.summary().startswith("experts, layer 0:") and len(state.figure().axes[0].get_xticklabels()) == 3
+    before = (state.site, state.layer)
+    for bad in ({"site": "neurons"}, {"layer": 2}, {"layer": 0.5}):
+        with pytest.raises(InputError):
+            state.select(**bad)
+        assert (state.site, state.layer) == before  # a bad selection changes nothing
+    with pytest.raises(InputError, match="same, non-zero number of tokens"):
+        PatchingExplorerState(model, tok, "abc", "abcd", "a", "b")
+    ex = PatchingExplorer(model, tok, "abcdefgh", "abcXefgh", "a", "b")
+    ex.site.value = "heads"
+    assert capsys.readouterr().out.startswith("heads, layer 1:") and "head 0" in ex.text.value
