@@ -11,11 +11,13 @@
 from .checkpoint import load_model, save_model
 from .config import OlmoConfig, RopeConfig
 from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, ExpertError, GenerationError, HubError,
-                     InputError, MissingTensorError, OlmoLabError, ShapeMismatchError, StaleCacheError,
+                     HookError, InputError, MissingTensorError, OlmoLabError, ShapeMismatchError, StaleCacheError,
                      TokenizerError, UnexpectedTensorError, UnsafeCheckpointError)
 from .compare import compare_with_transformers
 from .experts import experts_off
 from .generate import generate
+from . import interventions, patching  # olmo_lab.interventions.Zero, olmo_lab.patching.patch, ...
+from .interventions import intervene
 from .lab import lab_model
 from .model import OlmoModel
 from .tokenizer import Tokenizer, load_tokenizer

@@ -184,3 +184,24 @@ def test_routing_tables_fit_long_expert_names():
     for table in (record.table(), usage_table({"text": probs, "code": probs.flip(0)}, names)):
         lines = table.splitlines()
         assert all(n in lines[0] for n in names) and len({len(line) for line in lines}) == 1, table
+
+
+def test_trace_arguments_and_failed_forwards(olmo3):
+    """A layer out of range is refused (not taken modulo the depth); a failed forward records nothing, so
+    the valid record before it stays the latest; inputs are validated by the model before the trace reads them."""
+    model = olmo_lab.load_model(olmo3)
+    for bad in ([999], [-5], [1.5], [True]):
+        with pytest.raises(olmo_lab.InputError, match="out of range"):
+            with trace(model, layers=bad):
+                pass
+    assert not model.hooks.active
+    with trace(model, layers=[0]) as tr:
+        model(IDS)
+        for bad in (IDS.float(), torch.tensor([[5, 999]]), torch.zeros(1, 0, dtype=torch.long)):
+            with pytest.raises(olmo_lab.InputError):
+                model(bad)
+        with pytest.raises(olmo_lab.HookError):  # fails inside the forward, after the trace began recording
+            with olmo_lab.interventions.intervene(model, {"model.layers.2.hook_resid_pre": lambda v, c: v[:, :1]}):
+                model(IDS[:, :4])
+    assert len(tr.runs) == 1 and tr.token_ids.shape == (1, 14) and tr.attention[0].shape == (1, 4, 14, 14)
+    assert not model.hooks.active
