@@ -61,13 +61,13 @@ def plot_attention(tr, layer: int, head: int, batch: int = 0) -> Figure:
     window = tr.model.config.window(layer)
     kind = f"sliding window {window}" if window else "full attention"
     kv = tr.kv_heads()[head]
-    return attention_heatmap(tr.attention[layer][batch, head], tr.token_text(batch), window,
+    return attention_heatmap(tr.pattern(layer, heads=head, batch=batch)[0, 0], tr.token_text(batch), window,
                              title=f"layer {layer}, head {head} (kv head {kv}), {kind}")
 
 
 def attention_grid(tr, layer: int, batch: int = 0) -> Figure:
     """Every head of one layer, side by side; heads sharing a key/value head are labelled as such."""
-    probs = tr.attention[layer][batch]
+    probs = tr.pattern(layer, batch=batch)[0]  # (heads, Q, K)
     heads = probs.shape[0]
     cols = min(4, heads)
     rows = math.ceil(heads / cols)

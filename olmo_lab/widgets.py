@@ -205,7 +205,6 @@ class AttentionExplorerState:
                 model(torch.tensor([tokenizer.encode(prompt)]))
         self.trace = tr
         self.tokens = tr.tokens
-        self.attention = tr.attention
         self.layer, self.head, self.query = 0, 0, len(self.tokens) - 1
 
     def select(self, layer: int | None = None, head: int | None = None, query: int | None = None) -> None:
@@ -219,14 +218,18 @@ class AttentionExplorerState:
 
     def figure(self):
         """The heatmap of the selected layer and head."""
-        probs = self.attention[self.layer][0, self.head]
+        probs = self.probs()
         window = self.model.config.window(self.layer)
         kind = f"sliding window {window}" if window else "full attention"
         return attention_heatmap(probs, self.tokens, window, title=f"layer {self.layer}, head {self.head} ({kind})")
 
+    def probs(self) -> torch.Tensor:
+        """(Q, K) the selected head's attention, computed from the trace when asked."""
+        return self.trace.pattern(self.layer, heads=self.head, batch=0)[0, 0]
+
     def summary(self) -> str:
-        probs = self.attention[self.layer][0, self.head]
-        row = probs[self.query]
+        row = self.trace.pattern(self.layer, heads=self.head, queries=slice(self.query, self.query + 1),
+                                 batch=0)[0, 0, 0]  # (K,) the chosen query's row only
         top = torch.topk(row, min(3, self.query + 1))
         window = self.model.config.window(self.layer)
         seen = f"sees keys {max(0, self.query - window + 1)}..{self.query}" if window else f"sees keys 0..{self.query}"
