@@ -69,11 +69,13 @@ class PatchingResult:
         import matplotlib.pyplot as plt
 
         if ax is None:
-            _, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(self.columns) + 2), 0.45 * self.scores.shape[0] + 1.6))
+            width = min(12.0, max(4.0, 0.45 * len(self.columns) + 2))  # wider would shrink the labels on screen
+            _, ax = plt.subplots(figsize=(width, 0.45 * self.scores.shape[0] + 1.8))
         data = self.normalised().numpy()
         lim = max(1.0, float(abs(data).max()))
         im = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_xticks(range(len(self.columns)), self.columns, rotation=60, ha="right", fontsize=9)
+        ax.set_xticks(range(len(self.columns)), self.columns, rotation=90 if len(self.columns) > 16 else 45,
+                      ha="center" if len(self.columns) > 16 else "right", fontsize=9)
         ax.set_yticks(range(self.scores.shape[0]), [f"layer {i}" for i in range(self.scores.shape[0])], fontsize=9)
         ax.set_title(title or f"{self.method}: {self.site} (1 = clean restored)", fontsize=11)
         ax.figure.colorbar(im, ax=ax, fraction=0.04)
