@@ -2,6 +2,7 @@
 each listed mistake, planted in code written the way a student would write it, is named, an unlisted
 mistake gets the place where the outputs diverge, and a blank gets "not done yet"."""
 
+import functools
 import math
 import os
 import re
@@ -37,6 +38,12 @@ def solution(name: str) -> dict:
     namespace = {}
     exec(compile(code, name, "exec"), namespace)
     return namespace
+
+
+@functools.cache
+def solution_attention():
+    """The e1 notebook's Attention class (its __init__ holds the parameters, named as the library's)."""
+    return solution("e1_build_olmo3")["Attention"]
 
 
 @pytest.fixture(scope="module")
@@ -184,18 +191,11 @@ class LibraryAttention(Attention):
 def student_attention(per_head=False, norm_after_rope=False, no_norm=False, keys_seen=0, window_everywhere=False,
                       windowless=False, tiled=False, causal=True, scaled=True):
     """An attention module written with SDPA and a boolean mask, with one planted mistake at a time."""
-    class StudentAttention(nn.Module):
+    class StudentAttention(solution_attention()):  # the notebook's parameters; its own forward
         def __init__(self, config, layer_idx):
-            super().__init__()
-            H, self.nh, self.nkv, self.hd = (config.hidden_size, config.num_attention_heads,
-                                             config.num_key_value_heads, config.head_dim)
+            super().__init__(config, layer_idx)
+            self.nh, self.nkv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
             self.window = config.window(layer_idx) or (config.sliding_window if window_everywhere else None)
-            self.q_proj = nn.Linear(H, self.nh * self.hd, bias=False)
-            self.k_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
-            self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
-            self.o_proj = nn.Linear(self.nh * self.hd, H, bias=False)
-            self.q_norm = RMSNorm(self.nh * self.hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.nkv * self.hd, config.rms_norm_eps)
 
         def norm(self, t, module, n):  # t (B, S, n*hd)
             if no_norm:
@@ -463,3 +463,77 @@ def test_student_notebooks_are_the_solutions_with_blanks():
         checks = [c for c in student.cells if "exercises.check_" in c.source]
         assert checks and all("not done yet" in str(c.outputs) for c in checks), name
         assert all("✓" in str(c.outputs) for c in sol.cells if "exercises.check_" in c.source), name
+
+
+# ------------------------------------------------------------------------------------ 8 causal experiment
+def test_copy_loss():
+    from olmo_lab.exercises.causal import reference_copy_loss
+    assert exercises.check_copy_loss(reference_copy_loss).correct
+
+    def loss(first, last_pred):
+        def fn(logits, ids):
+            n = ids.shape[1] // 2
+            preds = logits[:, first(n):last_pred]
+            targets = ids[:, first(n) + 1:] if last_pred == -1 else ids[:, first(n):]
+            return F.cross_entropy(preds.reshape(-1, preds.shape[-1]), targets.reshape(-1))
+        return fn
+    assert exercises.check_copy_loss(loss(lambda n: n, -1)).correct
+    assert named(exercises.check_copy_loss(loss(lambda n: n, None)), "not_shifted")
+    assert named(exercises.check_copy_loss(loss(lambda n: 0, -1)), "whole_sequence")
+    assert named(exercises.check_copy_loss(loss(lambda n: n - 1, -1)), "includes_first_copied_token")
+
+
+def o_proj_input_zeroed(which):
+    """An ablation written with a torch hook on o_proj's input (B, S, nh*hd); which(z, layer, head) edits it."""
+    def ablate(model, ids, layer, head):
+        def hook(module, args):
+            z = args[0].clone()
+            which(z, head, model.config.head_dim)
+            return (z,)
+        h = model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                return model(ids).logits
+        finally:
+            h.remove()
+    return ablate
+
+
+def test_ablation_and_effects():
+    def head(z, h, hd):
+        z[..., h * hd:(h + 1) * hd] = 0
+
+    def layer(z, h, hd):
+        z.zero_()
+
+    def position(z, h, hd):
+        z[:, h] = 0
+    assert exercises.check_ablation(o_proj_input_zeroed(head)).correct
+    assert named(exercises.check_ablation(o_proj_input_zeroed(layer)), "whole_layer")
+    assert named(exercises.check_ablation(o_proj_input_zeroed(position)), "positions_not_heads")
+
+    def leaves_hook(model, ids, layer, h):
+        model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(lambda m, a: (a[0] * 0,))
+        return model(ids).logits
+    from olmo_lab.exercises.weights import lab_library_model
+    model = lab_library_model("olmo3-lab")
+    hooks = {i: dict(b.self_attn.o_proj._forward_pre_hooks) for i, b in enumerate(model.model.layers)}
+    try:
+        v = exercises.check_ablation(leaves_hook)
+        assert v.status == "error" and "left the model changed" in v.message
+    finally:  # the shared lab model back as it was, for the tests after this one
+        for i, b in enumerate(model.model.layers):
+            b.self_attn.o_proj._forward_pre_hooks.clear()
+            b.self_attn.o_proj._forward_pre_hooks.update(hooks[i])
+
+    from olmo_lab.exercises.causal import reference_copy_loss
+    ablate = o_proj_input_zeroed(head)
+
+    def effects(model, ids, sign=1):
+        clean = reference_copy_loss(model(ids).logits, ids)
+        return torch.tensor([[sign * float(reference_copy_loss(ablate(model, ids, i, h), ids) - clean)
+                              for h in range(model.config.num_attention_heads)]
+                             for i in range(model.config.num_hidden_layers)])
+    with torch.no_grad():
+        assert exercises.check_head_effects(effects).correct
+        assert named(exercises.check_head_effects(lambda m, ids: effects(m, ids, -1)), "sign_flipped")

@@ -13,6 +13,7 @@ and by how much. Code that still raises NotImplementedError (a blank) gets "not 
 from .attention import check_attention
 from .block import check_block
 from .cache import check_cache_mask, check_kv_cache
+from .causal import check_ablation, check_copy_loss, check_head_effects, copy_task
 from .forward import check_model
 from .grading import Verdict
 from .norm import check_rms_norm
@@ -22,4 +23,4 @@ from .weights import lab_config, load_lab_weights
 
 __all__ = ["Verdict", "check_rms_norm", "check_apply_rope", "check_rope_tables", "check_attention", "check_block",
            "check_model", "check_kv_cache", "check_cache_mask", "check_route", "check_moe", "lab_config",
-           "load_lab_weights"]
+           "check_copy_loss", "check_ablation", "check_head_effects", "copy_task", "load_lab_weights"]
