@@ -1,16 +1,20 @@
 """Causal self-attention of OLMo 2/3 and FlexOlmo: full-width QK-norm, RoPE, GQA, sliding windows.
 
 Two back-ends compute the same thing:
-- "sdpa": torch's fused `scaled_dot_product_attention` (fast; no weights come out), dispatched the
-  way transformers does it, so results match it bit for bit on CPU;
-- "eager": the explicit softmax, whose probabilities can be returned (attention maps, tracing).
+- "sdpa" (the default): torch's fused `scaled_dot_product_attention`, dispatched the way transformers
+  does it, so results match it bit for bit on CPU; no probabilities come out;
+- "eager": the explicit softmax of `attention_probabilities`, then a product with the values.
+
+Looking never changes the output: a function on `hook_pattern` that only reads gets the explicit
+probabilities computed *beside* the back-end, and the output still comes from the back-end itself, so
+a traced forward is bit-identical to an untraced one. Those probabilities are what "eager" would use:
+equal to SDPA's internal ones up to rounding (SDPA never materialises them). A function that *replaces*
+the pattern changes the function on purpose: the output is then the new probabilities times the values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,15 +55,35 @@ def build_mask(batch: int, q_len: int, past: int, window: int | None,
     # The mask can be left to SDPA's is_causal when nothing but plain causality applies.
     if key_padding is None and (q_len == 1 or kv_len == q_len) and (window is None or kv_len < window):
         return AttentionMask(None, kv_start, kv_len)
-    q_idx = torch.arange(past, past + q_len, device=device)[:, None]  # (S, 1)
-    kv_idx = torch.arange(kv_start, past + q_len, device=device)[None, :]  # (1, kv_len)
-    allowed = kv_idx <= q_idx
-    if window:
-        allowed = allowed & (kv_idx > q_idx - window)
-    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)  # (B, 1, S, kv_len)
+    allowed = visible(torch.arange(past, past + q_len, device=device), torch.arange(kv_start, past + q_len, device=device),
+                      window)[None, None].expand(batch, 1, q_len, kv_len)  # (B, 1, S, kv_len)
     if key_padding is not None:
         allowed = allowed & key_padding[:, None, None, :]
     return AttentionMask(allowed, kv_start, kv_len)
+
+
+def visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(Q, K) bool: key cache index kv_idx[j] is visible from query index q_idx[i] (causal, inside the window)."""
+    allowed = kv_idx[None, :] <= q_idx[:, None]
+    return allowed & (kv_idx[None, :] > q_idx[:, None] - window) if window else allowed
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None,
+                            scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) (B, nh, S, kv_len) in the model dtype, as transformers' eager path.
+
+    q (B, nh, S, hd), k (B, nkv, kv_len, hd): query head h uses key head h // (nh // nkv). allowed: a
+    (B, 1, S, kv_len) bool mask, or None for plain causal attention with no past.
+    """
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, kv_len, hd)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, nh, S, kv_len), model dtype
+    if allowed is not None:
+        scores = scores + torch.zeros_like(allowed, dtype=scores.dtype).masked_fill(
+            ~allowed, torch.finfo(scores.dtype).min)
+    elif q.shape[2] > 1:  # plain causal: the mask was left to SDPA's is_causal
+        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -83,8 +107,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(kv_dim, config.rms_norm_eps)
         self.backend = "sdpa"  # or "eager"
-        # Set by olmo_lab.trace: called with (layer, probs (B, nh, S, kv_len), cache index of the first key).
-        self.weights_hook: Callable[[int, torch.Tensor, int], None] | None = None
+        self._hooks = None  # olmo_lab.hooks: hook_q, hook_k, hook_v, hook_pattern, hook_z
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache=None) -> torch.Tensor:
@@ -94,30 +117,31 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         cos, sin = cos_sin
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hooks = self._hooks
+        if hooks is not None:  # this call's post-RoPE q, k, v (what goes into the cache)
+            q, k, v = hooks.run("hook_q", q), hooks.run("hook_k", k), hooks.run("hook_v", v)
         if cache is not None:  # post-RoPE keys are cached; get back every key this step can see
             k, v = cache.update(self.layer_idx, k, v)
-        if self.backend == "eager" or self.weights_hook is not None:
-            out, probs = self._explicit(q, k, v, mask.allowed)
-            if self.weights_hook is not None:
-                self.weights_hook(self.layer_idx, probs, mask.kv_start)
+        if hooks is not None and "hook_pattern" in hooks:
+            probs = attention_probabilities(q, k, mask.allowed, self.scale)
+            new = hooks.run("hook_pattern", probs, kv_start=mask.kv_start)
+            out = self._attend(q, k, v, mask.allowed) if new is probs else self._mix(new, v)
         else:
-            out = self._sdpa(q, k, v, mask.allowed)
-        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # (B, S, nh*hd)
-        return self.o_proj(out)
+            out = self._attend(q, k, v, mask.allowed)
+        out = out.transpose(1, 2)  # (B, S, nh, hd)
+        if hooks is not None:
+            out = hooks.run("hook_z", out)
+        return self.o_proj(out.reshape(B, S, self.n_heads * self.head_dim))  # (B, S, nh*hd) -> (B, S, H)
 
-    def _explicit(self, q, k, v, allowed):
-        """softmax(q k^T * scale + mask) v, with the probabilities (B, nh, S, kv_len) returned."""
-        k = k.repeat_interleave(self.groups, dim=1)  # (B, nh, kv_len, hd): query head h uses kv head h // groups
-        v = v.repeat_interleave(self.groups, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, nh, S, kv_len), model dtype
-        if allowed is not None:
-            scores = scores + torch.zeros_like(allowed, dtype=scores.dtype).masked_fill(
-                ~allowed, torch.finfo(scores.dtype).min)
-        elif q.shape[2] > 1:  # plain causal: the mask was left to SDPA's is_causal
-            causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v), probs
+    def _attend(self, q, k, v, allowed):
+        """(B, nh, S, hd) attention output through the chosen back-end."""
+        if self.backend == "eager":
+            return self._mix(attention_probabilities(q, k, allowed, self.scale), v)
+        return self._sdpa(q, k, v, allowed)
+
+    def _mix(self, probs, v):
+        """probs (B, nh, S, kv_len) times the values (B, nkv, kv_len, hd): query head h reads kv head h // groups."""
+        return torch.matmul(probs, v.repeat_interleave(self.groups, dim=1))
 
     def _sdpa(self, q, k, v, allowed):
         """torch SDPA, with GQA handled the way transformers' sdpa integration does."""

@@ -2,8 +2,8 @@
 
 A sliding layer with window W only ever needs the last W-1 past keys (the query itself is the W-th),
 so its cache stays that size however long the generation runs; full layers keep everything.
-The cache also remembers the expert toggles it was built under: toggling changes the function,
-so a cache filled under other toggles is stale and the model refuses to extend it.
+The cache also remembers the expert toggles and interventions it was built under: both change the
+function, so a cache filled under others is stale and the model refuses to extend it.
 """
 
 from __future__ import annotations
@@ -14,20 +14,23 @@ from .errors import StaleCacheError
 
 
 class KVCache:
-    def __init__(self, windows: list[int | None], owner_id: int, toggle_key: tuple):
+    def __init__(self, windows: list[int | None], owner_id: int, key: tuple):
         self.windows = windows  # per layer: None (full attention) or the sliding window W
         self.keys: list[torch.Tensor | None] = [None] * len(windows)
         self.values: list[torch.Tensor | None] = [None] * len(windows)
         self.length = 0  # tokens seen so far (cache index of the next token)
         self.owner_id = owner_id
-        self.toggle_key = toggle_key
+        self.key = key  # (expert toggles, active interventions): model.cache_key when it was built
 
-    def check(self, owner_id: int, toggle_key: tuple) -> None:
-        """Raise StaleCacheError unless this cache was built by this model under these expert toggles."""
+    def check(self, owner_id: int, key: tuple) -> None:
+        """Raise StaleCacheError unless this cache was built by this model under these toggles and interventions."""
         if owner_id != self.owner_id:
             raise StaleCacheError("this KV cache was built by a different model; start a new cache")
-        if toggle_key != self.toggle_key:
+        if key[0] != self.key[0]:
             raise StaleCacheError("the expert toggles changed since this KV cache was built, so its keys and "
+                                  "values are stale; recompute the prefix with a new cache")
+        if key[1] != self.key[1]:
+            raise StaleCacheError("the active interventions changed since this KV cache was built, so its keys and "
                                   "values are stale; recompute the prefix with a new cache")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,8 +82,8 @@ def compare_with_transformers(model, input_ids: torch.Tensor, hf_model=None,
         handles += [a.register_forward_hook(keep(ours, f"block {i}")), b.register_forward_hook(keep(theirs, f"block {i}"))]
     routings = []
     if model.config.is_moe:
-        for block in model.model.layers:
-            block.mlp.routing_hook = lambda layer, routing, _outputs: routings.append(routing)
+        handles += [model.hooks.add(name, lambda routing, _ctx: routings.append(routing))
+                    for name in model.hook_points("mlp.hook_routing")]
     try:
         kwargs = {"attention_mask": attention_mask}
         our_logits = model(input_ids, **kwargs).logits.float()
@@ -94,9 +94,6 @@ def compare_with_transformers(model, input_ids: torch.Tensor, hf_model=None,
     finally:
         for h in handles:
             h.remove()
-        if model.config.is_moe:
-            for block in model.model.layers:
-                block.mlp.routing_hook = None
     ours["logits"], theirs["logits"] = our_logits, out.logits.float()
     valid = None if attention_mask is None else attention_mask.bool()
     report = ComparisonReport()

@@ -62,3 +62,7 @@ class StaleCacheError(OlmoLabError, RuntimeError):
 
 class InputError(OlmoLabError, ValueError):
     """Model inputs (token ids, masks, positions) or other arguments have the wrong type, shape or range."""
+
+
+class HookError(OlmoLabError, ValueError):
+    """A hook point name is unknown, or a hook or intervention is invalid (shape, dtype, device, range)."""

@@ -6,8 +6,8 @@
 
 The prompt is run once (prefill), then one token per step reads the cache; sliding-window layers keep
 only their window, so memory stays bounded on long generations. Positions follow the attention mask
-(`cumsum(mask) - 1`), so left padding does not shift a sequence. If the expert toggles change while a
-stream is being consumed, the cache is stale: the prefix is recomputed under the new toggles.
+(`cumsum(mask) - 1`), so left padding does not shift a sequence. If the expert toggles or the
+interventions change while a stream is being consumed, the cache is stale: the prefix is recomputed.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: 
     cache, step_ids, position = None, ids, _positions(mask, ids)
     last = None
     for _ in range(max_new_tokens):
-        if cache is None or cache.toggle_key != model._toggle_key:  # first step, or toggles changed: (re)prefill
+        if cache is None or cache.key != model.cache_key:  # first step, or toggles/interventions changed: (re)prefill
             cache = model.new_cache()
             step_ids, position = seq, _positions(full_mask, seq)
         logits = model(step_ids, attention_mask=full_mask, position_ids=position, cache=cache,

@@ -9,8 +9,6 @@ so a state dict loads without renaming.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -19,6 +17,7 @@ from .cache import KVCache
 from .config import OlmoConfig
 from .errors import ExpertError, InputError
 from .experts import ExpertToggles
+from .hooks import HookRegistry
 from .mlp import SwiGLU
 from .moe import MoE
 from .norm import RMSNorm
@@ -41,24 +40,23 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MoE(config) if config.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
-        if config.is_moe:
-            self.mlp.layer_idx = layer_idx
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layer_idx = layer_idx
-        # Set by olmo_lab.trace; called with the block's named intermediate tensors. None: no cost.
-        self.hook: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+        self._hooks = None  # olmo_lab.hooks: the residual stream and the two outputs, before and after their norms
 
     def forward(self, x, cos_sin, mask, cache=None):
-        attn_out = self.post_attention_layernorm(self.self_attn(x, cos_sin, mask, cache))
-        h = x + attn_out
-        ffn_raw = self.mlp(h)
-        ffn_out = self.post_feedforward_layernorm(ffn_raw)
-        y = h + ffn_out
-        if self.hook is not None:
-            self.hook(self.layer_idx, {"resid_pre": x, "attn_out": attn_out, "resid_mid": h, "ffn_raw": ffn_raw,
-                                       "ffn_out": ffn_out, "resid_post": y})
-        return y
+        hooks = self._hooks
+        if hooks is None:  # the plain path, as written above
+            h = x + self.post_attention_layernorm(self.self_attn(x, cos_sin, mask, cache))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
+        x = hooks.run("hook_resid_pre", x)
+        attn = hooks.run("self_attn.hook_out", self.self_attn(x, cos_sin, mask, cache))
+        h = hooks.run("hook_resid_mid", x + hooks.run("post_attention_layernorm.hook_out",
+                                                      self.post_attention_layernorm(attn)))
+        ffn = hooks.run("mlp.hook_out", self.mlp(h))
+        y = h + hooks.run("post_feedforward_layernorm.hook_out", self.post_feedforward_layernorm(ffn))
+        return hooks.run("hook_resid_post", y)
 
 
 class Transformer(nn.Module):
@@ -84,17 +82,22 @@ class OlmoModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._toggle_key: tuple = ()
         self.toggles_changed()
+        self.hooks = HookRegistry(self)  # every named hook point; see olmo_lab.hooks
+        self._interventions: tuple = ()  # ids of the active interventions: part of the KV-cache key
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+                use_cache: bool = False, logits_to_keep: int = 0, start_at_layer: int = 0,
+                resid: torch.Tensor | None = None) -> ModelOutput:
         """Logits for input_ids (B, S).
 
         attention_mask (B, past + S): 1 for real tokens, 0 for padding, covering the cached tokens too.
         position_ids (B, S): default `past + arange(S)` (not padding-aware, as in transformers' forward;
         `generate` derives them from the mask). cache: extended in place; `use_cache=True` starts one.
         logits_to_keep: 0 for every position, n for the last n.
+        start_at_layer, resid: run only blocks start_at_layer.. on the residual stream resid (B, S, H)
+        (e.g. a patched one; input_ids still give the shape), skipping the embedding and the blocks below.
         """
         if cache is None and use_cache:
             cache = self.new_cache()
@@ -102,13 +105,17 @@ class OlmoModel(nn.Module):
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, S)
+        self._check_start(start_at_layer, resid, B, S, cache)
         snapshot = cache.snapshot() if cache is not None else None
+        hooks = self.hooks if self.hooks.active else None
+        if hooks is not None:
+            hooks.begin(input_ids, attention_mask, past, cache)
         try:
-            x = self.model.embed_tokens(input_ids)  # (B, S, H)
+            x = self.model.embed_tokens(input_ids) if resid is None else resid  # (B, S, H)
             cos_sin = self.model.rotary(position_ids)  # {layer type: (cos, sin)}, fp32
             masks = {t: build_mask(B, S, past, self.config.window(self.config.layer_types.index(t)),
                                    attention_mask, input_ids.device) for t in cos_sin}
-            for block, layer_type in zip(self.model.layers, self.config.layer_types):
+            for block, layer_type in zip(self.model.layers[start_at_layer:], self.config.layer_types[start_at_layer:]):
                 x = block(x, cos_sin[layer_type], masks[layer_type], cache)
             x = self.model.norm(x)
             if logits_to_keep:
@@ -117,9 +124,13 @@ class OlmoModel(nn.Module):
         except BaseException:
             if cache is not None:  # leave the cache exactly as it was
                 cache.restore(snapshot)
+            if hooks is not None:  # and a trace without the half-recorded call
+                hooks.end(ok=False)
             raise
         if cache is not None:
             cache.length += S
+        if hooks is not None:
+            hooks.end(ok=True)
         return ModelOutput(logits, cache)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, cache) -> int:
@@ -136,7 +147,7 @@ class OlmoModel(nn.Module):
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         past = 0
         if cache is not None:
-            cache.check(id(self), self._toggle_key)
+            cache.check(id(self), self.cache_key)
             past = cache.length
         if past + S > self.config.max_position_embeddings:
             raise InputError(f"input_ids: {past + S} positions exceed the model's context of "
@@ -159,11 +170,27 @@ class OlmoModel(nn.Module):
                 raise InputError("position_ids: positions must be >= 0")
         return past
 
+    def _check_start(self, layer, resid, B, S, cache) -> None:
+        n, H = self.config.num_hidden_layers, self.config.hidden_size
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise InputError(f"start_at_layer: expected a layer in 0..{n - 1}, got {layer!r}")
+        if resid is None:
+            if layer:
+                raise InputError("start_at_layer > 0 needs resid, the residual stream entering that layer")
+            return
+        if not isinstance(resid, torch.Tensor) or resid.shape != (B, S, H) or resid.dtype != self.dtype \
+                or resid.device != self.device:
+            got = f"{resid.dtype} {tuple(resid.shape)} on {resid.device}" if isinstance(resid, torch.Tensor) else \
+                type(resid).__name__
+            raise InputError(f"resid: expected {self.dtype} {(B, S, H)} on {self.device}, got {got}")
+        if cache is not None:
+            raise InputError("resid: a forward from a residual stream takes no KV cache")
+
     # ------------------------------------------------------------------ helpers
     def new_cache(self) -> KVCache:
         """An empty KV cache for this model under its current expert toggles."""
         windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
-        return KVCache(windows, id(self), self._toggle_key)
+        return KVCache(windows, id(self), self.cache_key)
 
     def set_attention_backend(self, backend: str) -> "OlmoModel":
         """"sdpa" (fused, fast) or "eager" (explicit softmax). Both give the same logits up to rounding."""
@@ -179,6 +206,15 @@ class OlmoModel(nn.Module):
         if not self.config.is_moe:
             raise ExpertError(f"this is a dense {self.config.model_type} model; it has no experts to toggle")
         return ExpertToggles(self)
+
+    def hook_points(self, contains: str | None = None) -> list[str]:
+        """Names of every hook point in forward order (or those containing `contains`); see olmo_lab.hooks."""
+        return self.hooks.names(contains)
+
+    @property
+    def cache_key(self) -> tuple:
+        """What a KV cache must have been built under to be reused: the expert toggles and the interventions."""
+        return self._toggle_key, self._interventions
 
     def toggles_changed(self) -> None:
         """Record the current expert toggles; caches built under other toggles become stale."""

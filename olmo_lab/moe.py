@@ -15,13 +15,12 @@ Two ways to switch an expert off (see `olmo_lab.experts`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import OlmoConfig
+from .errors import HookError
 from .mlp import SwiGLU
 
 
@@ -44,9 +43,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(H, config.intermediate_size) for _ in range(E))
         self.opted_out: frozenset[int] = frozenset()  # removed before the softmax
         self.dropped: frozenset[int] = frozenset()  # routed as usual, output zeroed
-        # Set by olmo_lab.trace: called with (layer, routing, {expert: (token rows, unweighted output)}).
-        self.routing_hook: Callable[[int, Routing, dict], None] | None = None
-        self.layer_idx = -1
+        self._hooks = None  # olmo_lab.hooks: gate.hook_out, hook_routing, experts.{e}.hook_out
 
     @property
     def num_experts(self) -> int:
@@ -56,11 +53,14 @@ class MoE(nn.Module):
         """Router decisions for x (T, H)."""
         logits = self.gate(x)  # (T, E)
         enabled = [e for e in range(self.num_experts) if e not in self.opted_out]
-        if len(enabled) < self.num_experts:  # opt-out: the softmax and top-k see only enabled experts
-            index = torch.tensor(enabled, device=x.device)
+        if len(enabled) < self.num_experts:
             # The enabled logits come from their rows alone, as in a model without the others: a matrix
             # product's rounding can depend on how many rows it has (it does with AVX-512 BLAS kernels).
+            index = torch.tensor(enabled, device=x.device)
             logits = logits.index_copy(1, index, F.linear(x, self.gate.weight[index]))
+        if self._hooks is not None:  # router logits, before the softmax (opted-out columns are ignored)
+            logits = self._hooks.run("gate.hook_out", logits)
+        if len(enabled) < self.num_experts:  # opt-out: the softmax and top-k see only enabled experts
             probs_enabled = F.softmax(logits[:, index], dim=-1, dtype=torch.float32)  # (T, E_enabled)
             probs = logits.new_zeros(logits.shape, dtype=torch.float32).index_copy_(1, index, probs_enabled)
         else:
@@ -81,9 +81,14 @@ class MoE(nn.Module):
         B, S, H = h.shape
         x = h.reshape(B * S, H)  # (T, H)
         routing = self.route(x)
+        hooks = self._hooks
+        if hooks is not None:
+            new = hooks.run("hook_routing", routing)
+            if new is not routing:
+                self.check_routing(new, x.shape[0])
+            routing = new
         T, k = routing.topk_indices.shape
         slots = x.new_zeros(T, k, H)  # each token's k weighted expert outputs
-        expert_outputs = {} if self.routing_hook is not None else None
         if T == 1:  # one token (batch-1 decoding): its k experts in slot order, no search of the table
             groups = [(e, x.new_zeros(1, dtype=torch.long), slot)
                       for slot, e in enumerate(routing.topk_indices[0].tolist())]
@@ -93,9 +98,20 @@ class MoE(nn.Module):
             if e in self.dropped:
                 continue
             y = self.experts[e](x[tokens])  # (n, H)
-            if expert_outputs is not None:
-                expert_outputs[e] = (tokens, y)
+            if hooks is not None:
+                y = hooks.run(f"experts.{e}.hook_out", y, rows=tokens)
             slots[tokens, slot] = y * routing.topk_weights[tokens, slot, None]
-        if self.routing_hook is not None:
-            self.routing_hook(self.layer_idx, routing, expert_outputs)
         return slots.sum(dim=1).view(B, S, H)  # one reduction over the k slots
+
+    def check_routing(self, r: Routing, tokens: int) -> None:
+        """A replaced routing must name enabled experts for every token, with one weight per choice."""
+        idx, w = r.topk_indices, r.topk_weights
+        if idx.dim() != 2 or idx.shape[0] != tokens or idx.dtype != torch.long or w.shape != idx.shape:
+            raise HookError(f"routing: expected (tokens={tokens}, k) long indices and weights of the same shape, got "
+                            f"{idx.dtype} {tuple(idx.shape)} and {tuple(w.shape)}")
+        if w.dtype != self.gate.weight.dtype:
+            raise HookError(f"routing: weights must be {self.gate.weight.dtype}, got {w.dtype}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_experts):
+            raise HookError(f"routing: expert indices must lie in [0, {self.num_experts})")
+        if self.opted_out and bool(torch.isin(idx, torch.tensor(sorted(self.opted_out), device=idx.device)).any()):
+            raise HookError(f"routing: experts {sorted(self.opted_out)} are opted out here; they cannot be chosen")

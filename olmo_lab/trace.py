@@ -6,20 +6,40 @@
     tr.routing[0].probs      # (tokens, experts)
     tr.tokens                # the text of every token
 
-Tracing installs hooks only inside the `with` block; outside it the model runs with no hooks and no
-extra work. Attention capture switches only the traced layers to the explicit-softmax path. A forward
+    with olmo_lab.trace(model, hooks=model.hook_points("hook_resid_post")) as tr:
+        model(ids)
+    tr["model.layers.3.hook_resid_post"]   # any hook point, (B, S, ...) over every traced call
+
+A trace reads through the named hook points of `olmo_lab.hooks` and never writes, so a traced forward
+or generation is bit-identical to an untraced one, attention capture included: the forward keeps its
+fused attention kernel, and the trace keeps each traced layer's post-RoPE queries and keys. Attention
+probabilities are computed from them when read (`tr.attention[layer]`, or a slice with `tr.pattern`),
+with the explicit softmax of `attention.attention_probabilities`: exactly what the "eager" back-end
+uses, equal to the fused kernel's internal probabilities up to rounding. Memory is O(layers x S x
+head_dim), not O(layers x heads x S^2), until a pattern is read.
+
+Hooks are attached only inside the `with` block; outside it every hook point is idle again. A forward
 that starts a new sequence (empty cache) starts a new record; cached steps extend it, so a generation
-reads as one sequence whose rows are the queries and whose columns are absolute key positions.
+reads as one sequence whose rows are the queries and whose columns are absolute key positions. A
+forward that fails records nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from .moe import Routing
+from .attention import attention_probabilities, visible
+from .errors import HookError, InputError
+
+QUERY_CHUNK = 256  # patterns are computed in aligned blocks of queries: a slice equals the full pattern's
+# The block tensors `tr.block(layer, name)` reads (residual=True), and their hook points.
+BLOCK_POINTS = {"resid_pre": "hook_resid_pre", "attn_out": "post_attention_layernorm.hook_out",
+                "resid_mid": "hook_resid_mid", "ffn_raw": "mlp.hook_out",
+                "ffn_out": "post_feedforward_layernorm.hook_out", "resid_post": "hook_resid_post"}
 
 
 @dataclass
@@ -58,21 +78,84 @@ class RoutingRecord:
 
 @dataclass
 class _Run:
-    """One traced sequence: the pieces each forward call added, in order."""
+    """One traced sequence: what each forward call added, in order."""
 
+    start: int = 0  # cache index of the first traced token (0 unless tracing began mid-generation)
     token_ids: list[torch.Tensor] = field(default_factory=list)  # (B, S) per call
-    attention: dict[int, list] = field(default_factory=dict)  # layer -> [(q_start, kv_start, probs)]
-    routing: dict[int, list] = field(default_factory=dict)  # layer -> [(Routing, B, S, expert outputs)]
-    blocks: dict[int, list] = field(default_factory=dict)  # layer -> [dict of (B, S, H) tensors]
-    length: int = 0
+    mask: torch.Tensor | None = None  # (B, start + length) the latest call's attention mask (None: no padding)
+    values: dict[str, list] = field(default_factory=dict)  # hook point -> [value per call]
+    prefix_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> cached keys before `start`
+    routing: dict[int, list] = field(default_factory=dict)  # layer -> [(Routing, B, S) per call]
+    experts: dict[int, list] = field(default_factory=dict)  # layer -> [{expert: (rows, output)} per call]
+    length: int = 0  # start + traced tokens
 
 
 class Trace:
     """What one `with trace(...)` block recorded; the views below describe the latest sequence."""
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, layers=(), attention=False, routing=False, residual=False,
+                 points=()):
         self.model, self.tokenizer = model, tokenizer
         self.runs: list[_Run] = []
+        self.layers, self.points = list(layers), list(points)
+        self._pending: _Run | None = None
+        self._reads = self._readers(attention, routing and model.config.is_moe, residual)
+
+    # ------------------------------------------------------------------ recording (hook side)
+    def _readers(self, attention, routing, residual) -> dict[str, object]:
+        """{hook point: read-only function} for everything this trace keeps."""
+        reads, names = {}, set(self.points)
+        for i in self.layers:
+            p = f"model.layers.{i}."
+            if attention:
+                names |= {p + "self_attn.hook_q", p + "self_attn.hook_k"}
+            if residual:
+                names |= {p + point for point in BLOCK_POINTS.values()}
+            if routing:
+                reads[p + "mlp.hook_routing"] = self._keep_routing
+            if residual and self.model.config.is_moe:
+                for e in range(self.model.config.num_experts):
+                    reads[f"{p}mlp.experts.{e}.hook_out"] = self._keep_expert
+        for name in names:
+            reads[name] = self._keep
+        return reads
+
+    def _keep(self, value, ctx):
+        self._pending.values.setdefault(ctx.name, []).append(value.detach().cpu())
+
+    def _keep_routing(self, r, ctx):
+        self._pending.routing.setdefault(ctx.layer, []).append((r, ctx.batch, ctx.length))
+
+    def _keep_expert(self, y, ctx):
+        e = int(ctx.name.rsplit(".", 2)[-2])
+        calls = self._pending.experts.setdefault(ctx.layer, [{}])
+        calls[-1][e] = (ctx.rows.cpu(), y.detach().cpu())
+
+    def begin(self, input_ids, attention_mask, past, cache=None):
+        """A forward starts (its inputs already validated): record into a pending piece."""
+        run = _Run(start=past)
+        if past and cache is not None:  # tracing began mid-sequence: keep the keys this run's queries can see
+            run.prefix_keys = {i: cache.keys[i].detach().cpu() for i in self.layers if cache.keys[i] is not None}
+        run.token_ids.append(input_ids.detach().cpu())
+        run.mask = None if attention_mask is None else attention_mask.detach().cpu()
+        self._pending = run
+
+    def end(self, ok: bool):
+        """The forward finished: a new sequence starts a record, a cached step extends the latest one."""
+        new, self._pending = self._pending, None
+        if not ok or new is None:
+            return
+        S = new.token_ids[0].shape[1]
+        if new.start == 0 or not self.runs or self.runs[-1].length != new.start:
+            new.length = new.start + S
+            self.runs.append(new)
+            return
+        run = self.runs[-1]
+        run.token_ids += new.token_ids
+        run.mask, run.length = new.mask, run.length + S
+        for store in ("values", "routing", "experts"):
+            for key, items in getattr(new, store).items():
+                getattr(run, store).setdefault(key, []).extend(items)
 
     @property
     def run(self) -> _Run:
@@ -97,28 +180,71 @@ class Trace:
         """The text of each token of the first sequence (ids as strings without a tokenizer)."""
         return self.token_text(0)
 
+    # ------------------------------------------------------------------ any hook point
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """A recorded hook point over every call of the latest sequence, joined along its position axis
+        (router logits come back as (B, S, E); an expert's outputs as its rows, call after call)."""
+        info = self.model.hooks.info(name)
+        pieces = self.run.values.get(name)
+        if pieces is None:
+            raise HookError(f"{name} was not recorded by this trace: pass it in trace(..., hooks=[...])")
+        if info.position_axis is None:  # (T, ...) rows b * S + s per call; an expert's rows: only its tokens
+            if any(t.shape[0] != ids.numel() for t, ids in zip(pieces, self.run.token_ids)):
+                return torch.cat(pieces)
+            pieces = [t.reshape(ids.shape[0], ids.shape[1], *t.shape[1:])
+                      for t, ids in zip(pieces, self.run.token_ids)]
+            return torch.cat(pieces, dim=1)
+        return torch.cat(pieces, dim=info.position_axis)
+
     # ------------------------------------------------------------------ attention
     @property
-    def attention(self) -> dict[int, torch.Tensor]:
-        """{layer: (B, heads, Q, K) probabilities}; entries a query could not see are 0."""
-        out = {}
-        n = self.run.length
-        for layer, pieces in self.run.attention.items():
-            B, H = pieces[0][2].shape[:2]
-            full = torch.zeros(B, H, n, n, dtype=torch.float32)
-            for q_start, kv_start, probs in pieces:  # probs (B, H, S, kv_len)
-                S, kv_len = probs.shape[2:]
-                full[:, :, q_start:q_start + S, kv_start:kv_start + kv_len] = probs.float().cpu()
-            out[layer] = full
-        return out
+    def attention(self) -> "Patterns":
+        """{layer: (B, heads, Q, K) float32 probabilities}, computed when read; entries a query could not
+        see are 0. Q and K are absolute cache positions of the latest sequence."""
+        return Patterns(self)
+
+    def pattern(self, layer: int, heads=None, queries: slice | None = None, keys: slice | None = None,
+                batch=None) -> torch.Tensor:
+        """(B, h, q, k) float32: the attention of some heads and queries over some keys, computed from the
+        recorded queries and keys only for the queries asked; equal to the same slice of `attention[layer]`."""
+        run = self.run
+        name = f"model.layers.{layer}.self_attn."
+        if name + "hook_q" not in run.values:
+            raise HookError(f"layer {layer}'s attention was not traced (trace(..., attention=True, layers=...))")
+        attn = self.model.model.layers[layer].self_attn
+        q = torch.cat(run.values[name + "hook_q"], dim=2)  # (B, nh, Q, hd) from `start`
+        k = torch.cat(([run.prefix_keys[layer]] if layer in run.prefix_keys else [])
+                      + run.values[name + "hook_k"], dim=2)  # (B, nkv, K, hd)
+        key_start = run.length - k.shape[2]
+        heads = list(range(attn.n_heads)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
+        rows = range(run.length)[queries or slice(None)]
+        if rows.step != 1:
+            raise InputError("pattern: queries must be a slice with step 1")
+        b_sel = slice(None) if batch is None else [batch] if isinstance(batch, int) else batch
+        q, k = q[b_sel][:, heads], k[b_sel][:, [h // attn.groups for h in heads]]  # one key head per query head
+        mask = None if run.mask is None else run.mask[b_sel][:, key_start:].bool()  # (B, K)
+        out = torch.zeros(q.shape[0], len(heads), len(rows), run.length, dtype=torch.float32)
+        first_chunk = (max(rows.start, run.start) // QUERY_CHUNK) * QUERY_CHUNK if len(rows) else run.length
+        for c in range(first_chunk, rows.stop if len(rows) else 0, QUERY_CHUNK):
+            c_end = min(c + QUERY_CHUNK, run.length)
+            lo = max(c, run.start)
+            if lo >= c_end:
+                continue
+            q_idx = torch.arange(lo, c_end)
+            allowed = visible(q_idx, torch.arange(key_start, run.length), attn.window)[None, None]  # (1, 1, q, K)
+            if mask is not None:
+                allowed = allowed & mask[:, None, None, :]
+            probs = attention_probabilities(q[:, :, lo - run.start:c_end - run.start], k, allowed, attn.scale)
+            wanted = [r for r in range(lo, c_end) if r in rows]
+            if wanted:
+                out[:, :, wanted[0] - rows.start:wanted[-1] - rows.start + 1, key_start:] = \
+                    probs[:, :, wanted[0] - lo:wanted[-1] - lo + 1].float()
+        return out if keys is None else out[..., keys]
 
     def visible(self, layer: int) -> torch.Tensor:
         """(Q, K) bool: which keys each query could see (causal, and the sliding window if any)."""
         n = self.run.length
-        q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        allowed = k <= q
-        window = self.model.config.window(layer)
-        return allowed & (k > q - window) if window else allowed
+        return visible(torch.arange(n), torch.arange(n), self.model.config.window(layer))
 
     def kv_heads(self) -> list[int]:
         """Key/value head used by each query head (GQA: query heads h and h' share one if equal)."""
@@ -139,7 +265,7 @@ class Trace:
         names = self.model.config.expert_names
         out = {}
         for layer, pieces in run.routing.items():
-            cat = {f: torch.cat([getattr(r, f).detach().reshape(B, S, -1) for r, B, S, _ in pieces], dim=1)
+            cat = {f: torch.cat([getattr(r, f).detach().reshape(B, S, -1) for r, B, S in pieces], dim=1)
                    for f in ("logits", "probs", "topk_indices", "topk_weights")}
             flat = {f: t.reshape(-1, t.shape[-1]).cpu() for f, t in cat.items()}
             B = cat["logits"].shape[0]
@@ -149,15 +275,16 @@ class Trace:
 
     @property
     def expert_outputs(self) -> dict[int, torch.Tensor]:
-        """{layer: (B, S, E, H)} each expert's unweighted output; NaN where it did not run."""
+        """{layer: (B, S, E, H)} each expert's unweighted output; NaN where it did not run (residual=True)."""
         out = {}
         E, H = self.model.config.num_experts, self.model.config.hidden_size
-        for layer, pieces in self.run.routing.items():
+        for layer, calls in self.run.experts.items():
             chunks = []
-            for _, B, S, outputs in pieces:
+            for outputs, ids in zip(calls, self.run.token_ids):
+                B, S = ids.shape
                 dense = torch.full((B * S, E, H), float("nan"))
                 for e, (rows, y) in outputs.items():
-                    dense[rows, e] = y.detach().float().cpu()
+                    dense[rows, e] = y.float()
                 chunks.append(dense.view(B, S, E, H))
             out[layer] = torch.cat(chunks, dim=1)
         return out
@@ -165,66 +292,71 @@ class Trace:
     # ------------------------------------------------------------------ residual stream
     def block(self, layer: int, name: str) -> torch.Tensor:
         """(B, S, H) one of a block's named tensors: resid_pre, attn_out, resid_mid, ffn_raw, ffn_out, resid_post."""
-        if layer not in self.run.blocks:
+        point = f"model.layers.{layer}.{BLOCK_POINTS[name]}"
+        if point not in self.run.values:
             raise KeyError(f"layer {layer} was not traced with residual=True")
-        return torch.cat([d[name].detach() for d in self.run.blocks[layer]], dim=1)
+        return self[point]
 
     @property
     def residual(self) -> dict[int, torch.Tensor]:
         """{layer: (B, S, H)} the residual stream after each traced block."""
-        return {layer: self.block(layer, "resid_post") for layer in self.run.blocks}
+        return {i: self[f"model.layers.{i}.hook_resid_post"] for i in self.layers
+                if f"model.layers.{i}.hook_resid_post" in self.run.values}
+
+
+class Patterns(Mapping):
+    """`Trace.attention`: a read-only {layer: pattern} view that computes each pattern when it is read."""
+
+    def __init__(self, tr: Trace):
+        self.tr = tr
+        self.layers = [i for i in tr.layers if f"model.layers.{i}.self_attn.hook_q" in tr.run.values]
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self.layers:
+            raise KeyError(layer)
+        return self.tr.pattern(layer)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+
+def _check_layers(model, layers) -> list[int]:
+    n = len(model.model.layers)
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+            raise InputError(f"trace: layer {layer!r} is out of range: this model has {n} layers (0..{n - 1})")
+        out.append(layer % n)
+    return sorted(set(out))
 
 
 @contextmanager
 def trace(model, attention: bool = True, routing: bool = True, residual: bool = False, layers=None,
-          tokenizer=None):
-    """Record attention probabilities, routing decisions and (optionally) the residual stream.
+          tokenizer=None, hooks=()):
+    """Record attention, routing decisions, the residual stream, and any named hook points.
 
-    layers: which layers to trace (default: all). Routing applies to FlexOlmo models only;
-    `residual=True` also records each block's named intermediates and every expert's output,
-    which `olmo_lab.lens` needs for logit attribution.
+    layers: which layers attention/routing/residual cover (default: all). Routing applies to FlexOlmo
+    models only. `residual=True` records each block's six named tensors and every expert's output, which
+    `olmo_lab.lens` needs for logit attribution; `hooks=[names]` records exactly those points (read them
+    with `tr[name]`).
     """
-    blocks = model.model.layers
-    chosen = list(range(len(blocks))) if layers is None else sorted({l % len(blocks) for l in layers})
-    if any(b.hook or b.self_attn.weights_hook or getattr(b.mlp, "routing_hook", None) for b in blocks):
-        raise RuntimeError("this model is already being traced; nest no traces on the same model")
-    tr = Trace(model, tokenizer)
-    current = {}
-
-    def start(_module, args, kwargs):
-        ids = args[0] if args else kwargs["input_ids"]
-        cache = kwargs.get("cache") if len(args) < 4 else args[3]
-        past = cache.length if cache is not None else 0
-        if past == 0 or not tr.runs:
-            tr.runs.append(_Run())
-        current.update(B=ids.shape[0], S=ids.shape[1], past=past)
-        tr.run.token_ids.append(ids.detach().cpu())
-        tr.run.length = past + ids.shape[1]
-
-    def on_attention(layer, probs, kv_start):
-        tr.run.attention.setdefault(layer, []).append((current["past"], kv_start, probs.detach()))
-
-    def on_routing(layer, r: Routing, outputs):
-        kept = {e: (rows.cpu(), y.detach()) for e, (rows, y) in outputs.items()} if residual else {}
-        tr.run.routing.setdefault(layer, []).append((r, current["B"], current["S"], kept))
-
-    def on_block(layer, tensors):
-        tr.run.blocks.setdefault(layer, []).append({k: v.detach() for k, v in tensors.items()})
-
-    handle = model.register_forward_pre_hook(start, with_kwargs=True)
+    tr = Trace(model, tokenizer, _check_layers(model, layers), attention, routing, residual,
+               [hooks] if isinstance(hooks, str) else list(hooks))
+    for name in tr._reads:
+        model.hooks.info(name)  # every name checked before anything is attached
+    handles = []
+    model.hooks.listeners.append(tr)
     try:
-        for i in chosen:
-            if attention:
-                blocks[i].self_attn.weights_hook = on_attention
-            if routing and model.config.is_moe:
-                blocks[i].mlp.routing_hook = on_routing
-            if residual:
-                blocks[i].hook = on_block
+        handles = [model.hooks.add(name, fn) for name, fn in tr._reads.items()]
         yield tr
     finally:
-        handle.remove()
-        for b in blocks:
-            b.hook = None
-            b.self_attn.weights_hook = None
-            if model.config.is_moe:
-                b.mlp.routing_hook = None
+        for handle in handles:
+            handle.remove()
+        model.hooks.listeners.remove(tr)

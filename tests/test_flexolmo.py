@@ -89,12 +89,12 @@ def test_one_token_steps_match_the_full_forward(flex4, toggle):
     if toggle:
         model.experts.disable(["math"], mode=toggle)
     routes = []
-    model.model.layers[1].mlp.routing_hook = lambda layer, r, outs: routes.append(r)
+    handle = model.hooks.add("model.layers.1.mlp.hook_routing", lambda r, ctx: routes.append(r))
     full = model(ids).logits
     stepped, _ = decode_step_by_step(model, ids, mask, prefix=1)
     assert max_diff(stepped, full) <= 1e-5
     assert torch.equal(torch.cat([r.topk_indices for r in routes[1:]]), routes[0].topk_indices)
-    model.model.layers[1].mlp.routing_hook = None  # the hook-free path computes the same
+    handle.remove()  # the hook-free path computes the same
     assert max_diff(decode_step_by_step(model, ids, mask, prefix=1)[0], stepped) == 0
 
 
@@ -179,7 +179,7 @@ def test_top_k_larger_than_enabled_uses_all_enabled(flex4):
     model.experts.disable(["math", "code", "news"])
     ids, _ = _inputs()
     routes = []
-    model.model.layers[0].mlp.routing_hook = lambda layer, r, outs: routes.append(r)
+    model.hooks.add("model.layers.0.mlp.hook_routing", lambda r, ctx: routes.append(r))
     model(ids)
     r = routes[0]
     assert r.topk_indices.shape[1] == 1 and bool((r.topk_indices == 0).all())
@@ -192,7 +192,7 @@ def test_drop_after_routing_keeps_routing_and_zeroes_the_expert(flex4):
     ids, _ = _inputs()
     routes = {}
     block = model.model.layers[1]
-    block.mlp.routing_hook = lambda layer, r, outs: routes.__setitem__("r", r)
+    model.hooks.add("model.layers.1.mlp.hook_routing", lambda r, ctx: routes.__setitem__("r", r))
     model(ids)
     base = routes["r"]
     with olmo_lab.experts_off(model, "math", layers=[1], mode="drop"):  # earlier layers unchanged

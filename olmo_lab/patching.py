@@ -1,0 +1,239 @@
+"""Activation patching and attribution patching: where in the model a prediction is carried.
+
+    clean, corrupt = tok("The Eiffel Tower is in"), tok("The Colosseum is in")   # same length
+    metric = lambda logits: logits[0, -1, paris] - logits[0, -1, rome]       # a scalar
+    grid = patch(model, clean, corrupt, metric, site="resid_pre")           # (layers, positions)
+    print(grid.summary()); grid.plot(tokens)
+
+Activation patching runs the corrupted input with one site's activation taken from the clean run
+("denoising"; `direction="noise"` patches corrupted activations into the clean run) and scores each
+patched run with the metric. Sites: "resid_pre" (the residual stream entering each layer, per position),
+"heads" (each attention head's output before o_proj, all positions), "experts" (each FlexOlmo expert's
+output, recomputed on the clean run's input of that layer for the tokens routed to it). A patch at layer l
+cannot change layers below it, so every patched run starts at layer l from the cached residual stream
+(`start_at_layer`), and `batch` patched runs go through the model together. The rows of a batch are
+independent: a batched sweep computes what the one-at-a-time sweep (batch=1) computes.
+
+Attribution patching (Nanda 2023) is the first-order version: metric(patched) - metric(corrupt) ~
+(a_clean - a_corrupt) . d metric / d a at the corrupted run, for every site from two forwards and one
+backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .interventions import intervene
+from .trace import trace
+
+SITES = ("resid_pre", "heads", "experts")
+
+
+@dataclass
+class PatchingResult:
+    """scores (rows, cols): the metric of each patched run; rows are layers, cols positions/heads/experts."""
+
+    scores: torch.Tensor
+    site: str
+    columns: list[str]
+    clean: float  # the metric on the clean run
+    corrupt: float  # the metric on the corrupted run
+    method: str = "activation patching"
+
+    def normalised(self) -> torch.Tensor:
+        """0 where patching does nothing (the corrupted metric), 1 where it restores the clean metric."""
+        return (self.scores - self.corrupt) / (self.clean - self.corrupt)
+
+    def top(self, n: int = 5) -> list[tuple[int, str, float]]:
+        """The n sites that move the metric most from the corrupted run: (layer, column, normalised)."""
+        norm = self.normalised()
+        flat = (norm.abs() if torch.isfinite(norm).all() else (self.scores - self.corrupt).abs()).flatten()
+        order = flat.argsort(descending=True)[:n].tolist()
+        return [(i // norm.shape[1], self.columns[i % norm.shape[1]], float(norm.flatten()[i])) for i in order]
+
+    def summary(self, n: int = 5) -> str:
+        lines = [f"{self.method} over {self.site} ({self.scores.shape[0]} layers x {self.scores.shape[1]}): "
+                 f"metric clean {self.clean:.4f}, corrupted {self.corrupt:.4f}"]
+        lines += [f"  layer {layer:>2} {col!r:<16} restores {v:+.2f} of the difference" for layer, col, v in self.top(n)]
+        return "\n".join(lines)
+
+    def plot(self, ax=None, title: str | None = None):
+        """A heatmap of the normalised scores (layers x columns)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(self.columns) + 2), 0.45 * self.scores.shape[0] + 1.6))
+        data = self.normalised().numpy()
+        lim = max(1.0, float(abs(data).max()))
+        im = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(self.columns)), self.columns, rotation=60, ha="right", fontsize=9)
+        ax.set_yticks(range(self.scores.shape[0]), [f"layer {i}" for i in range(self.scores.shape[0])], fontsize=9)
+        ax.set_title(title or f"{self.method}: {self.site} (1 = clean restored)", fontsize=11)
+        ax.figure.colorbar(im, ax=ax, fraction=0.04)
+        ax.figure.tight_layout()
+        return ax.figure
+
+
+def _check(model, clean, corrupt, site):
+    if site not in SITES:
+        raise InputError(f"site: expected one of {SITES}, got {site!r}")
+    for name, ids in (("clean", clean), ("corrupt", corrupt)):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
+            raise InputError(f"{name}: expected token ids of shape (1, S)")
+    if clean.shape != corrupt.shape:
+        raise InputError(f"clean and corrupt inputs must have the same length, got {clean.shape[1]} and "
+                         f"{corrupt.shape[1]} tokens")
+    if site == "experts" and not model.config.is_moe:
+        raise InputError("site 'experts' needs a FlexOlmo model")
+
+
+def _score(metric, logits: torch.Tensor) -> torch.Tensor:
+    """The metric of each row of a (n, S, V) batch: (n,)."""
+    out = []
+    for row in logits.split(1):
+        value = metric(row)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise InputError(f"metric: expected a scalar (a number or a one-element tensor), got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        out.append(value.reshape(()).float())
+    return torch.stack(out)
+
+
+def _metric(metric, logits) -> float:
+    value = metric(logits)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float(_score(metric, logits)[0])
+
+
+def _run(model, ids):
+    """Logits and every recorded site of one run."""
+    L = model.config.num_hidden_layers
+    names = [f"model.layers.{i}.hook_resid_pre" for i in range(L)] + \
+            [f"model.layers.{i}.self_attn.hook_z" for i in range(L)]
+    if model.config.is_moe:
+        names += [f"model.layers.{i}.hook_resid_mid" for i in range(L)]
+    with trace(model, attention=False, routing=False, hooks=names) as tr:
+        logits = model(ids).logits
+    return logits, {n: tr[n].to(model.device) for n in names}
+
+
+@torch.no_grad()
+def patch(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, site: str = "resid_pre",
+          layers=None, direction: str = "denoise", batch: int = 24, progress: bool = True) -> PatchingResult:
+    """Activation patching over one kind of site; see the module docstring. metric(logits (1, S, V)) -> scalar."""
+    _check(model, clean, corrupt, site)
+    if direction not in ("denoise", "noise"):
+        raise InputError(f"direction: expected 'denoise' or 'noise', got {direction!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"batch: expected a positive int, got {batch!r}")
+    clean_logits, source = _run(model, clean)
+    corrupt_logits, target = _run(model, corrupt)
+    m_clean, m_corrupt = _metric(metric, clean_logits), _metric(metric, corrupt_logits)
+    if direction == "noise":  # patch corrupted activations into the clean run
+        source, target, corrupt = target, source, clean
+    L = model.config.num_hidden_layers
+    layers = list(range(L)) if layers is None else sorted(set(layers))
+    S = clean.shape[1]
+    columns = [str(p) for p in range(S)] if site == "resid_pre" else list(model.config.expert_names) \
+        if site == "experts" else [f"head {h}" for h in range(model.config.num_attention_heads)]
+    scores = torch.full((L, len(columns)), float("nan"))
+    jobs = [(layer, c) for layer in layers for c in range(len(columns))]
+    for start in tqdm(range(0, len(jobs), batch), desc=f"patching {site}", disable=not progress):
+        chunk = jobs[start:start + batch]
+        by_layer: dict[int, list[int]] = {}
+        for layer, c in chunk:
+            by_layer.setdefault(layer, []).append(c)
+        for layer, cols in by_layer.items():
+            scores[layer, cols] = _score(metric, _patched_logits(model, site, layer, cols, source, target, corrupt))
+    return PatchingResult(scores[layers] if len(layers) < L else scores, site, columns, m_clean, m_corrupt)
+
+
+def _patched_logits(model, site, layer, cols, source, target, ids):
+    """Logits (n, S, V) of the target run with column cols[r] of `site` at `layer` patched in row r."""
+    n = len(cols)
+    p = f"model.layers.{layer}."
+    resid = target[p + "hook_resid_pre"].expand(n, -1, -1).clone()  # (n, S, H)
+    rows = torch.arange(n, device=resid.device)
+    edits = {}
+    if site == "resid_pre":
+        cols_t = torch.tensor(cols, device=resid.device)
+        resid[rows, cols_t] = source[p + "hook_resid_pre"][0, cols_t]
+    elif site == "heads":
+        clean_z = source[p + "self_attn.hook_z"]  # (1, S, nh, hd)
+
+        def heads(z, ctx):
+            z = z.clone()  # (n, S, nh, hd)
+            for r, h in enumerate(cols):
+                z[r, :, h] = clean_z[0, :, h]
+            return z
+        edits[p + "self_attn.hook_z"] = heads
+    else:  # experts: recomputed on the source run's input of this layer's MoE
+        moe = model.model.layers[layer].mlp
+        src = source[p + "hook_resid_mid"].reshape(-1, model.config.hidden_size)  # (S, H)
+        S = src.shape[0]
+        for r, e in enumerate(cols):
+            def expert(y, ctx, r=r, e=e):
+                mine = ctx.rows // S == r
+                if not bool(mine.any()):
+                    return None
+                y = y.clone()
+                y[mine] = moe.experts[e](src[ctx.rows[mine] % S])
+                return y
+            edits[f"{p}mlp.experts.{e}.hook_out"] = expert
+    with intervene(model, edits):
+        return model(ids.expand(n, -1), start_at_layer=layer, resid=resid).logits
+
+
+def attribution_patch(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, site: str = "resid_pre") -> PatchingResult:
+    """First-order estimate of `patch(...)` for every site at once: (a_clean - a_corrupt) . grad metric."""
+    _check(model, clean, corrupt, site)
+    if site == "experts":
+        raise InputError("attribution_patch covers 'resid_pre' and 'heads'")
+    L = model.config.num_hidden_layers
+    point = "hook_resid_pre" if site == "resid_pre" else "self_attn.hook_z"
+    names = [f"model.layers.{i}.{point}" for i in range(L)]
+    with torch.no_grad():
+        clean_logits, source = _run(model, clean)
+    kept = {}
+
+    def keep(value, ctx):
+        value.retain_grad()
+        kept[ctx.name] = value
+
+    was = [p.requires_grad for p in model.parameters()]
+    try:
+        with torch.enable_grad():
+            for p_ in model.parameters():
+                p_.requires_grad_(False)
+            handles = []
+            try:
+                # the gradient flows from the metric back to each site, not into the weights
+                x = model.model.embed_tokens(corrupt).detach().requires_grad_(True)
+                handles = [model.hooks.add(n, keep) for n in names]
+                logits = model(corrupt, resid=x).logits
+                value = metric(logits)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    raise InputError("metric: expected a scalar tensor (attribution patching differentiates it)")
+                value.reshape(()).backward()
+            finally:
+                for h in handles:
+                    h.remove()
+    finally:
+        for p_, w in zip(model.parameters(), was):
+            p_.requires_grad_(w)
+    rows = []
+    for n in names:
+        delta = (source[n] - kept[n].detach()) * kept[n].grad  # same shape as the site
+        rows.append(delta.float().sum(-1)[0] if site == "resid_pre" else delta.float().sum(dim=(-1, 1))[0])
+    columns = [str(p) for p in range(clean.shape[1])] if site == "resid_pre" else \
+        [f"head {h}" for h in range(model.config.num_attention_heads)]
+    m_corrupt = float(value.detach())
+    return PatchingResult(torch.stack(rows).cpu() + m_corrupt, site, columns, _metric(metric, clean_logits), m_corrupt,
+                          method="attribution patching")
+
+
