@@ -241,7 +241,7 @@ def test_attention(e1):
 # ------------------------------------------------------------------------------------ 4 block
 def library_block(x, attn, mlp, post_attention_layernorm, post_feedforward_layernorm):
     """Block.forward itself, on the parts it is given."""
-    parts = types.SimpleNamespace(self_attn=lambda h, cos_sin, mask, cache: attn(h), mlp=mlp, hook=None,
+    parts = types.SimpleNamespace(self_attn=lambda h, cos_sin, mask, cache: attn(h), mlp=mlp, _hooks=None,
                                   post_attention_layernorm=post_attention_layernorm, layer_idx=0,
                                   post_feedforward_layernorm=post_feedforward_layernorm)
     return Block.forward(parts, x, None, None)
@@ -497,6 +497,14 @@ def o_proj_input_zeroed(which):
         finally:
             h.remove()
     return ablate
+
+
+def test_causal_solution():
+    """The e3 notebook's solution, which uses olmo_lab.interventions, against the checkers' torch-hook answers."""
+    e3 = solution("e3_causal_experiment")
+    assert exercises.check_copy_loss(e3["copy_loss"]).correct
+    assert exercises.check_ablation(e3["ablate"]).correct
+    assert exercises.check_head_effects(e3["head_effects"]).correct
 
 
 def test_ablation_and_effects():

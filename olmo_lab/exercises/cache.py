@@ -142,7 +142,7 @@ class StudentCache(KVCache):
 
     def __init__(self, student, model):
         super().__init__([model.config.window(i) for i in range(model.config.num_hidden_layers)], id(model),
-                         model._toggle_key)
+                         model.cache_key)
         self.student = student
 
     def update(self, layer, k, v):
