@@ -267,10 +267,10 @@ class LibraryModel(OlmoModel):
         return super().forward(input_ids).logits
 
 
-def test_model_library_and_solution(e1):
+def test_model_library():
     v = exercises.check_model(LibraryModel)
     assert v.correct and "greedy generation with your model agrees with the library's" in v.message
-    assert exercises.check_model(e1["MyOlmo"]).correct
+    # (the notebook's MyOlmo passes too: its solution notebook's stored verdict is checked by nbval)
 
 
 def test_model_mistakes():
@@ -497,14 +497,6 @@ def o_proj_input_zeroed(which):
         finally:
             h.remove()
     return ablate
-
-
-def test_causal_solution():
-    """The e3 notebook's solution, which uses olmo_lab.interventions, against the checkers' torch-hook answers."""
-    e3 = solution("e3_causal_experiment")
-    assert exercises.check_copy_loss(e3["copy_loss"]).correct
-    assert exercises.check_ablation(e3["ablate"]).correct
-    assert exercises.check_head_effects(e3["head_effects"]).correct
 
 
 def test_ablation_and_effects():

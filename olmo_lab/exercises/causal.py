@@ -110,7 +110,7 @@ def _run_zeroed(model, ids, layers, head_slice, positions=None):
 
 @cache
 def ablation_cases() -> list[Case]:
-    model, ids = lab_library_model("olmo3-lab"), copy_task(length=16, batch=2, seed=2)
+    model, ids = lab_library_model("olmo3-lab"), copy_task(length=12, batch=2, seed=2)
     return [Case(f"olmo3-lab, layer {layer} head {head}", (model, ids, layer, head))
             for layer, head in [(3, 0), (2, 0), (0, 3)]]
 
@@ -138,8 +138,8 @@ EFFECT_MISTAKES = [
 
 @cache
 def effect_cases() -> list[Case]:
-    return [Case("olmo3-lab on 2 rows [r, r] of 16 random tokens",
-                 (lab_library_model("olmo3-lab"), copy_task(length=16, batch=2, seed=4)))]
+    return [Case("olmo3-lab on 2 rows [r, r] of 12 random tokens",
+                 (lab_library_model("olmo3-lab"), copy_task(length=12, batch=2, seed=4)))]
 
 
 def check_head_effects(head_effects) -> Verdict:

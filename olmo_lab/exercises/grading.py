@@ -165,7 +165,8 @@ def grade(exercise: str, student, reference, cases: list[Case], mistakes: list[M
     expected = _outputs("library", reference, cases)
     first_wrong = next((i for i, (y, e) in enumerate(zip(yours, expected)) if not _safe_same(y, e, tol=tol)), None)
     if first_wrong is None:
-        return Verdict(exercise, "correct", f"correct: agrees with olmo_lab on all {len(cases)} cases")
+        where = "its one case" if len(cases) == 1 else f"all {len(cases)} cases"
+        return Verdict(exercise, "correct", f"correct: agrees with olmo_lab on {where}")
     for m in mistakes:
         try:
             predicted = _outputs(m.key, m.run, cases)
