@@ -108,6 +108,11 @@ def test_unknown_mistake_reports_where_it_diverges():
     v = exercises.check_rms_norm(crashes)
     assert v.status == "error" and "your code raised RuntimeError" in v.message
 
+    def forgets_return(x, w, eps):
+        library_rms_norm(x, w, eps)
+    v = exercises.check_rms_norm(forgets_return)
+    assert v.status == "error" and "your code's output: expected tensors, got NoneType" in v.message, v
+
 
 # ------------------------------------------------------------------------------------ 2 RoPE
 def test_apply_rope(e1):

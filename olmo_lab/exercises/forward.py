@@ -143,7 +143,8 @@ def first_divergence(student, setup: Setup, ids) -> str:
 
 def check_model(model_cls, prompt: str = "The letters of the", max_new_tokens: int = 12) -> Verdict:
     """Exercise 5: grade `model_cls(config)`, whose forward(input_ids (B, S)) returns logits (B, S, V)."""
-    student_run = lambda setup, ids: build_student(model_cls, setup)(ids)
+    def student_run(setup, ids):
+        return build_student(model_cls, setup)(ids)
     verdict = grade("whole model", student_run, lambda s, ids: s.model(ids).logits, cases(), MISTAKES)
     if verdict.status == "diverges":
         for case in cases():

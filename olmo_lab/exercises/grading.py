@@ -162,6 +162,10 @@ def grade(exercise: str, student, reference, cases: list[Case], mistakes: list[M
         except Exception as e:  # the student's code crashed: say where, briefly
             first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             return Verdict(exercise, "error", f"on {case.name}: your code raised {type(e).__name__}: {first_line}")
+        try:
+            flatten(yours[-1])
+        except TypeError as e:  # None (a forgotten return), a number, ...
+            return Verdict(exercise, "error", f"on {case.name}: your code's output: {e}")
     expected = _outputs("library", reference, cases)
     first_wrong = next((i for i, (y, e) in enumerate(zip(yours, expected)) if not _safe_same(y, e, tol=tol)), None)
     if first_wrong is None:

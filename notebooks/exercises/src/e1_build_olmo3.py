@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import olmo_lab
 from olmo_lab import exercises
 from olmo_lab.config import FULL, SLIDING
 from olmo_lab.mlp import SwiGLU
@@ -253,6 +254,22 @@ class MyOlmo(nn.Module):
 
 
 exercises.check_model(MyOlmo)
+
+# %% [markdown]
+# Your model, with the shipped weights, writing (greedily, recomputing the whole text at each step:
+# the cache comes next).
+
+# %%
+mine = exercises.load_lab_weights(MyOlmo(exercises.lab_config("olmo3-lab")), "olmo3-lab")
+tok = olmo_lab.load_tokenizer(olmo_lab.lab_model("olmo3-lab"))
+ids = torch.tensor([tok.encode("The committee said that")])
+try:
+    with torch.no_grad():
+        for _ in range(16):
+            ids = torch.cat([ids, mine(ids)[:, -1:].argmax(-1)], dim=1)  # (1, S + 1)
+    print(tok.decode(ids[0].tolist()))
+except NotImplementedError:
+    print("not done yet")
 
 # %% [markdown]
 # ## 6a · A KV cache with a bounded sliding-window part (about 20 minutes)
