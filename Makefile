@@ -34,13 +34,14 @@ lab: $(VENV)/.base
 	$(VENV)/bin/jupyter lab notebooks/
 
 test: $(VENV)/.test
-	$(THREADS) $(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env tests $(wildcard notebooks/*.ipynb)
+	$(THREADS) $(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env tests \
+		$(wildcard notebooks/*.ipynb notebooks/exercises/*.ipynb notebooks/exercises/solutions/*.ipynb)
 
 test-fast: $(VENV)/.test
 	$(THREADS) $(PY) -m pytest -q -x tests
 
-# Rebuild the notebooks from notebooks/src/ and store their outputs (after changing library output);
-# NB="02 04" for some of them.
+# Rebuild the notebooks from notebooks/src/ and notebooks/exercises/src/ (student and solution versions)
+# and store their outputs (after changing library output); NB="02 04" for some of them, NB="e" for the exercises.
 notebooks: $(VENV)/.test
 	$(THREADS) $(PY) notebooks/build.py $(NB)
 

@@ -2,6 +2,7 @@
 
     make notebooks                       # every notebook
     make notebooks NB="02 04"            # only those whose name starts with these prefixes
+    make notebooks NB="e"                # the exercise notebooks (notebooks/exercises/src/e*.py)
 
 The Makefile pins the CPU numerics and threads the kernels run with, as `make test` does, so the
 stored outputs are what nbval recomputes in CI on any x86-64 machine; run directly, this refuses.
@@ -9,6 +10,10 @@ stored outputs are what nbval recomputes in CI on any x86-64 machine; run direct
 A source is a Python file in the "percent" format: `# %%` starts a code cell, `# %% [markdown]` a
 markdown cell whose lines are comments. Keeping sources as plain Python makes them easy to review and
 diff; the committed .ipynb files (with outputs) are what readers open and what nbval checks in CI.
+
+An exercise source (notebooks/exercises/src/*.py) gives two notebooks: the solution
+(notebooks/exercises/solutions/) and the student's (notebooks/exercises/), in which every block
+between `# BEGIN SOLUTION` and `# END SOLUTION` is replaced by a `raise NotImplementedError` blank.
 """
 
 from __future__ import annotations
@@ -25,6 +30,19 @@ from nbclient import NotebookClient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGES = os.path.join(os.path.dirname(HERE), "docs", "images")
+EXERCISES = os.path.join(HERE, "exercises")
+SOLUTION = re.compile(r"^( *)# BEGIN SOLUTION\n.*?^ *# END SOLUTION\n", flags=re.M | re.S)
+BLANK = '\\1raise NotImplementedError("your code here")\n'
+
+
+def student_version(source: str) -> str:
+    """The exercise source with each solution block replaced by a blank that raises NotImplementedError."""
+    return SOLUTION.sub(BLANK, source)
+
+
+def solution_version(source: str) -> str:
+    """The exercise source with the solution markers removed."""
+    return re.sub(r"^ *# (BEGIN|END) SOLUTION\n", "", source, flags=re.M)
 
 
 def parse(source: str) -> nbformat.NotebookNode:
@@ -46,14 +64,17 @@ def parse(source: str) -> nbformat.NotebookNode:
     return nb
 
 
-def build(name: str) -> str:
-    with open(os.path.join(HERE, "src", name + ".py"), encoding="utf-8") as f:
-        nb = parse(f.read())
+def build(name: str, source: str | None = None, out_dir: str = HERE) -> str:
+    """Run one notebook and write it to out_dir/name.ipynb (source: the text; default notebooks/src/name.py)."""
+    if source is None:
+        with open(os.path.join(HERE, "src", name + ".py"), encoding="utf-8") as f:
+            source = f.read()
+    nb = parse(source)
     env_backup = {k: os.environ.pop(k) for k in ("OLMO_LAB_MODEL", "OLMO_LAB_MOE_MODEL") if k in os.environ}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": out_dir}}).execute()
     finally:
         os.environ.update(env_backup)
     for cell in nb.cells:
@@ -66,7 +87,7 @@ def build(name: str) -> str:
                 else:
                     merged.append(output)
             cell.outputs = merged
-    out = os.path.join(HERE, name + ".ipynb")
+    out = os.path.join(out_dir, name + ".ipynb")
     with open(out, "w", encoding="utf-8") as f:
         f.write(stable_widget_ids(nbformat.writes(nb), name) + "\n")
     export_figure(nb, name)
@@ -121,6 +142,13 @@ def main(prefixes: list[str]) -> None:
     for name in names:
         if not prefixes or any(name.startswith(p) for p in prefixes):
             print("built", build(name), flush=True)
+    exercises = sorted(f[:-3] for f in os.listdir(os.path.join(EXERCISES, "src")) if f.endswith(".py"))
+    for name in exercises:
+        if not prefixes or any(name.startswith(p) for p in prefixes):
+            with open(os.path.join(EXERCISES, "src", name + ".py"), encoding="utf-8") as f:
+                source = f.read()
+            print("built", build(name, solution_version(source), os.path.join(EXERCISES, "solutions")), flush=True)
+            print("built", build(name, student_version(source), EXERCISES), flush=True)
 
 
 if __name__ == "__main__":
