@@ -62,3 +62,12 @@ class StaleCacheError(OlmoLabError, RuntimeError):
 
 class InputError(OlmoLabError, ValueError):
     """Model inputs (token ids, masks, positions) or other arguments have the wrong type, shape or range."""
+
+
+class CorpusError(OlmoLabError, ValueError):
+    """A corpus analysis cannot run: a missing or unreadable file, a malformed row (with file and line), an
+    unknown domain, a context or batch size that cannot fit, or a results folder from another job."""
+
+
+class ClusterError(CorpusError, RuntimeError):
+    """The Ray engine failed: the cluster address is unreachable, or a worker died and retries ran out."""
