@@ -610,16 +610,16 @@ def analyze(model, tokenizer, corpus: Corpus, config: CorpusConfig | None = None
     try:
         if engine == "ray":
             from . import corpus_ray
-            workers = corpus_ray.run(model, shards, spec, store, bar, **ray_options)
+            workers, retries = corpus_ray.run(model, shards, spec, store, bar, **ray_options)
         else:
-            workers = 1
+            workers, retries = 1, 0
             for index, batches, digest in shards:
                 store.put(index, analyze_shard(model, batches, spec, on_batch=bar.update), digest)
     finally:
         bar.close()
     totals = store.merged(report.shards, spec)
     result = CorpusResult.build(totals, spec, model_config, tokenizer, domains, config, report,
-                                {"engine": engine, "workers": workers, "context": context})
+                                {"engine": engine, "workers": workers, "retries": retries, "context": context})
     if out is not None:
         result.save(out)
     return result
@@ -762,7 +762,8 @@ class CorpusResult:
         r = self.report
         lines = [f"{r['documents']} documents ({r['empty_documents']} empty, {r['skipped_rows']} rows skipped), "
                  f"{r['tokens']} tokens in {r['chunks']} chunks, {r['batches']} batches, {r['shards']} shards "
-                 f"({r['resumed_shards']} resumed); engine {r['engine']} with {r['workers']} worker(s)"]
+                 f"({r['resumed_shards']} resumed); engine {r['engine']} with {r['workers']} worker(s), "
+                 f"{r['retries']} shard(s) retried"]
         top1 = self.domain_specialization("1")
         lines.append("domain specialization, top-1 (share of the domain's tokens whose first expert is ...):")
         lines.append(top1.to_string(float_format=lambda v: f"{v:.2f}"))

@@ -66,8 +66,8 @@ class CorpusWorker:
 
 def run(model, shards, spec, store, bar, *, address: str | None = None, workers: int | None = None,
         cpus_per_worker: int = 1, gpus_per_worker: float = 0, max_retries: int = 1, model_kwargs: dict | None = None,
-        init_kwargs: dict | None = None) -> int:
-    """Analyse `shards` on a Ray cluster and hand each result to `store`; returns the number of workers.
+        init_kwargs: dict | None = None) -> tuple[int, int]:
+    """Analyse `shards` on a Ray cluster and hand each result to `store`; returns (workers, shards retried).
 
     address: an existing cluster ("host:port", "ray://host:port" or "auto"); None starts a local one with
         workers x cpus_per_worker CPUs (and shuts it down at the end), unless Ray is already initialised in
@@ -103,6 +103,7 @@ def run(model, shards, spec, store, bar, *, address: str | None = None, workers:
         actors = [new_actor() for _ in range(workers)]
         free = list(actors)
         in_flight = {}  # ObjectRef -> (index, batches, digest, attempts, actor)
+        retried = []
 
         def collect() -> None:
             (ready,), _ = ray.wait(list(in_flight), num_returns=1)
@@ -118,6 +119,7 @@ def run(model, shards, spec, store, bar, *, address: str | None = None, workers:
                                        f"max_retries={max_retries}); shards finished so far are kept for a resume"
                                        ) from e
                 in_flight[replacement.run.remote(batches)] = (index, batches, digest, attempts + 1, replacement)
+                retried.append(index)
                 return
             except ray.exceptions.RayTaskError as e:  # the analysis itself raised: surface olmo-lab's own error
                 cause = getattr(e, "cause", None)
@@ -135,7 +137,7 @@ def run(model, shards, spec, store, bar, *, address: str | None = None, workers:
             in_flight[actor.run.remote(batches)] = (index, batches, digest, 0, actor)
         while in_flight:
             collect()
-        return workers
+        return workers, len(retried)
     finally:
         for actor in actors:
             ray.kill(actor)
