@@ -331,3 +331,22 @@ def test_settings_that_cannot_fit(setup, tmp_path):
     with pytest.raises(CorpusError, match="distinct domain names"):
         corpus.analyze(model, tok, corpus.Corpus.from_files(tmp_path / "x.jsonl", domains=["a", "a"]), out_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]  # nothing written for a job that cannot start
+
+
+def test_plots_and_text_summaries(setup):
+    from olmo_lab import corpus_plots
+    _, model, result = setup
+    figures = [corpus_plots.domain_specialization_heatmaps(result), corpus_plots.domain_specialization_heatmaps(result, "k"),
+               corpus_plots.domain_specialization_by_layer(result), corpus_plots.vocabulary_specialization_plot(result),
+               corpus_plots.coactivation_heatmaps(result), corpus_plots.routing_consistency_plot(result),
+               corpus_plots.opt_out_loss_heatmap(result), corpus_plots.routing_weight_histograms(result, 1)]
+    assert "uniform: 0.50" in figures[1]._suptitle.get_text()  # top-2 of 4 experts
+    stay = result.routing_consistency().iloc[0]
+    assert f"{stay:.0%} stay" in figures[5].axes[0].get_title()
+    cells = {t.get_text() for t in figures[6].axes[0].texts}
+    deltas = result.loss.delta_bits_per_byte.dropna()
+    assert {f"{v:+.3f}" for v in deltas[result.loss.removed.notna()]} <= cells
+    text = result.specific_tokens_table(0)
+    s = result.specific_tokens[result.specific_tokens.layer == 0]
+    assert all(f"{row.token!r} {row.share:.0%} ({row.occurrences})" in text for row in s.itertuples() if row.rank < 8)
+    assert result.loss_table().shape == (len(TEXTS), 1 + model.config.num_experts)
