@@ -96,9 +96,10 @@ def ray_vs_inprocess(copies: int, repeats: int) -> dict:
             "ray with start / in-process wall time": cold / inprocess}
 
 
-def peak_memory(copies: int) -> float:
+def peak_memory(copies: int, threads: int) -> float:
     """MiB of peak RSS of a fresh process that runs the in-process job over `copies` copies."""
-    code = (f"import resource, sys; sys.path.insert(0, {HERE!r}); import corpus as b; from olmo_lab import corpus; "
+    code = (f"import resource, sys, torch; torch.set_num_threads({threads}); sys.path.insert(0, {HERE!r}); "
+            f"import corpus as b; from olmo_lab import corpus; "
             f"m, t, d = b.lab_job({copies}); corpus.analyze(m, t, d, corpus.CorpusConfig(**b.CONFIG), progress=False); "
             f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
@@ -120,7 +121,8 @@ def main(argv=None):
                "ray": ray_vs_inprocess(copies, repeats)}
     torch.set_num_threads(args.threads)
     small, large = copies, copies * 4
-    results["peak RSS MiB"] = {f"{small} copies": peak_memory(small), f"{large} copies": peak_memory(large)}
+    results["peak RSS MiB"] = {f"{small} copies": peak_memory(small, args.threads),
+                               f"{large} copies": peak_memory(large, args.threads)}
     write(results, args.out)
     return results
 
@@ -154,7 +156,7 @@ def write(results: dict, out: str) -> None:
     name = "CORPUS_RESULTS-quick" if results["quick"] else "CORPUS_RESULTS"
     with open(os.path.join(out, name + ".md"), "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(out, name.lower().replace("corpus_results", "corpus_results") + ".json"), "w") as f:
+    with open(os.path.join(out, name.lower() + ".json"), "w") as f:
         json.dump(results, f, indent=1)
 
 

@@ -747,9 +747,16 @@ class CorpusResult:
     def vocabulary_specialization(self) -> pd.DataFrame:
         """layer x expert: mean share of the ids each expert is the most frequent top-1 expert of ("all": every id)."""
         ids = self.vocabulary[self.vocabulary.is_top & (self.vocabulary.occurrences >= self.report["min_token_count"])]
-        per_expert = ids.pivot_table(index="layer", columns="expert", values="share", aggfunc="mean", sort=False)
+        per_expert = ids.pivot_table(index="layer", columns="expert", values="share", aggfunc="mean")
+        per_expert = per_expert.reindex(columns=[e for e in self.report["experts"] if e in per_expert.columns])
         per_expert["all"] = ids.groupby("layer").share.mean()
         return per_expert
+
+    def coactivation_matrix(self, layer: int) -> pd.DataFrame:
+        """expert x other at one layer: of the tokens choosing the row expert, the share also choosing the column."""
+        experts = self.report["experts"]
+        c = self.coactivation[self.coactivation.layer == layer]
+        return c.pivot_table(index="expert", columns="other", values="share").reindex(index=experts, columns=experts)
 
     def routing_consistency(self) -> pd.Series:
         """Per layer pair: share of tokens whose top-1 expert is the same at the next layer."""

@@ -113,13 +113,11 @@ def vocabulary_specialization_plot(result) -> Figure:
 def coactivation_heatmaps(result) -> Figure:
     """Per layer, experts x experts: of the tokens choosing the row expert, the share also choosing the column one
     (among each token's top `coactivation_top` experts)."""
-    c = result.coactivation
     experts = result.report["experts"]
-    layers = sorted(c.layer.unique())
+    layers = sorted(result.coactivation.layer.unique())
     fig, axes = _layer_grid(len(layers), 3.0, 2.8)
     for ax, layer in zip(axes, layers):
-        m = c[c.layer == layer].pivot_table(index="expert", columns="other", values="share", sort=False)
-        values = m.reindex(index=experts, columns=experts).to_numpy(dtype=float)
+        values = result.coactivation_matrix(layer).to_numpy(dtype=float)
         _heatmap(ax, values, experts, experts, f"layer {layer}", "Purples", ".2f", 0, 1)
     fig.suptitle(f"co-activation: P(column expert | row expert), top-{result.report['coactivation_top']}",
                  fontsize=10)
