@@ -666,7 +666,7 @@ def _spec(model_config, model, tokenizer, config: CorpusConfig, domains: int) ->
     if config.opt_out_loss:
         toggles = model.experts.snapshot() if isinstance(model, OlmoModel) else {}
         off = set().union(*(o | d for o, d in toggles.values())) if toggles else set()
-        opt_out = [e for e in range(E) if e not in off and len(off) + 1 < E]
+        opt_out = [e for e in range(E) if e not in off and len(off | {e}) < E]  # one expert must stay on
     return Spec(model_config.num_hidden_layers, E, domains, model_config.vocab_size, config.bins, top, opt_out,
                 config.records, lengths)
 

@@ -306,6 +306,7 @@ def test_malformed_rows_raise_with_file_and_line_or_are_skipped(setup, tmp_path)
 def test_settings_that_cannot_fit(setup, tmp_path):
     tok, model, _ = setup
     docs = corpus.Corpus.from_texts(TEXTS)
+    before = model.experts.snapshot()
     for config, message in [(corpus.CorpusConfig(context=65), "context: 65 tokens cannot fit"),
                             (corpus.CorpusConfig(context=1), "context: 1 tokens cannot fit"),
                             (corpus.CorpusConfig(batch_size=0), "batch_size: expected a positive integer"),
@@ -331,6 +332,8 @@ def test_settings_that_cannot_fit(setup, tmp_path):
     with pytest.raises(CorpusError, match="distinct domain names"):
         corpus.analyze(model, tok, corpus.Corpus.from_files(tmp_path / "x.jsonl", domains=["a", "a"]), out_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]  # nothing written for a job that cannot start
+    assert model.experts.snapshot() == before and not model._forward_pre_hooks
+    assert all(b.mlp.routing_hook is None and b.self_attn.weights_hook is None for b in model.model.layers)
 
 
 def test_plots_and_text_summaries(setup):
