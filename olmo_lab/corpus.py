@@ -169,7 +169,8 @@ class Corpus:
             for i, row in enumerate(dataset):
                 yield from _row_document(row, None, text_field, domain_field, f"dataset row {i}", bad)
         return cls([reader], list(domains) if domains is not None else None,
-                   [{"dataset": getattr(dataset, "_fingerprint", None), "rows": len(dataset)}])
+                   [{"dataset": getattr(dataset, "_fingerprint", None),
+                     "rows": len(dataset) if hasattr(dataset, "__len__") else None}])
 
     def documents(self, domains: list[str], bad: Callable[[str, str], None]) -> Iterator[Document]:
         """Every usable document in order; `bad(where, reason)` is told of each malformed row."""
