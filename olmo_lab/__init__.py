@@ -10,9 +10,9 @@
 
 from .checkpoint import load_model, save_model
 from .config import OlmoConfig, RopeConfig
-from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, ExpertError, GenerationError, HubError,
-                     HookError, InputError, MissingTensorError, OlmoLabError, ShapeMismatchError, StaleCacheError,
-                     TokenizerError, UnexpectedTensorError, UnsafeCheckpointError)
+from .errors import (CheckpointError, ClusterError, ConfigError, CorpusError, CorruptCheckpointError, ExpertError,
+                     GenerationError, HookError, HubError, InputError, MissingTensorError, OlmoLabError,
+                     ShapeMismatchError, StaleCacheError, TokenizerError, UnexpectedTensorError, UnsafeCheckpointError)
 from .compare import compare_with_transformers
 from .experts import experts_off
 from .generate import generate

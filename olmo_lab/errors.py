@@ -66,3 +66,12 @@ class InputError(OlmoLabError, ValueError):
 
 class HookError(OlmoLabError, ValueError):
     """A hook point name is unknown, or a hook or intervention is invalid (shape, dtype, device, range)."""
+
+
+class CorpusError(OlmoLabError, ValueError):
+    """A corpus analysis cannot run: a missing or unreadable file, a malformed row (with file and line), an
+    unknown domain, a context or batch size that cannot fit, or a results folder from another job."""
+
+
+class ClusterError(CorpusError, RuntimeError):
+    """The Ray engine failed: the cluster address is unreachable, or a worker died and retries ran out."""
