@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from . import hub
@@ -72,10 +73,14 @@ def default_expert_names(repo_id: str, num_experts: int) -> list[str] | None:
     return None
 
 
-def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
-    """{tensor name: absolute shard path} and the list of shard files, from the index or the single file."""
+def _weight_files(directory: str, blobs: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """{tensor name: absolute shard path} and the list of shard files, from the index or the single file.
+
+    Weight files must lie in `directory` itself, or be links into `blobs`, the blob store of the hub
+    cache `directory` is a snapshot of (huggingface_hub links every snapshot file there).
+    """
     index_path = os.path.join(directory, INDEX_FILE)
-    real_dir = os.path.realpath(directory)
+    allowed = {os.path.realpath(directory)} | ({os.path.realpath(blobs)} if blobs else set())
     if os.path.isfile(index_path):
         try:
             with open(index_path, encoding="utf-8") as f:
@@ -93,7 +98,7 @@ def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
                 raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is not a plain file name inside the "
                                             f"checkpoint directory; refusing to read it")
             full = os.path.join(directory, shard)
-            if os.path.dirname(os.path.realpath(full)) != real_dir:
+            if os.path.dirname(os.path.realpath(full)) not in allowed:
                 raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is a link to a file outside the "
                                             f"checkpoint directory; refusing to read it")
             if not shard.endswith(".safetensors"):
@@ -105,7 +110,7 @@ def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
         return {name: paths[shard] for name, shard in weight_map.items()}, sorted(paths.values())
     single = os.path.join(directory, SINGLE_FILE)
     if os.path.isfile(single):
-        if os.path.dirname(os.path.realpath(single)) != real_dir:
+        if os.path.dirname(os.path.realpath(single)) not in allowed:
             raise UnsafeCheckpointError(f"{SINGLE_FILE} is a link to a file outside the checkpoint directory")
         f = SafetensorsFile(single)
         f.close()
@@ -132,6 +137,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor).
     """
     directory = resolve_checkpoint(path_or_repo_id, revision)
+    from_hub = not os.path.isdir(os.fspath(path_or_repo_id))
     config = OlmoConfig.from_json(directory)
     if config.is_moe:
         names = expert_names or (None if config.expert_names != [f"expert_{i}" for i in range(config.num_experts)]
@@ -146,8 +152,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         config = _with(config, num_experts=len(keep), num_experts_per_tok=min(config.num_experts_per_tok, len(keep)),
                        expert_names=[config.expert_names[e] for e in keep])
     target = _parse_dtype(dtype)
-    locations, files = _weight_files(directory)
-    with torch.device("meta"):
+    locations, files = _weight_files(directory, hub.blob_store(directory) if from_hub else None)
+    with torch.device("meta"), _SkipInit():
         model = OlmoModel(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
@@ -177,6 +183,19 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     model.config = _with(model.config, dtype=_dtype_name(target))
     model.source = directory
     return model.eval()
+
+
+class _SkipInit(TorchFunctionMode):
+    """Leaves `torch.nn.init` calls undone while a model shell is built: every weight is loaded next.
+
+    Besides saving the work, this keeps torch's compiler stack out of a cold start: on the meta device
+    `normal_` and `uniform_` run Python reference kernels that import `torch._dynamo` (~1.7 s).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def _with(config: OlmoConfig, **changes) -> OlmoConfig:

@@ -1,0 +1,98 @@
+"""`revision=` offline: a local hub cache with two branches of one repo, in the layout huggingface_hub reads.
+
+    models--{owner}--{name}/blobs/{hash}            file contents
+    models--{owner}--{name}/refs/{branch}           the commit the branch points at
+    models--{owner}--{name}/snapshots/{commit}/...  links to the blobs, one tree per commit
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import olmo_lab
+from olmo_lab import HubError
+from oracle import char_tokenizer, make_checkpoint, olmo3_config
+
+REPO = "lab-test/tiny-olmo3"
+BRANCHES = {"stage1-step1000-tokens2B": 1, "main": 2}  # branch: the seed of its random weights
+
+
+def add_revision(cache: Path, repo_id: str, branch: str, files: Path) -> str:
+    """Put the files of directory `files` into `cache` as the tree of a new commit `branch` points at."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{branch}".encode()).hexdigest()
+    for f in sorted(files.iterdir()):
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / f.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / branch).write_text(commit)
+    return commit
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hub")
+    for branch, seed in BRANCHES.items():
+        files = tmp_path_factory.mktemp(branch)
+        make_checkpoint(olmo3_config(), files, seed=seed)
+        char_tokenizer(files)
+        config = json.loads((files / "tokenizer_config.json").read_text())
+        (files / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 100 + seed}))
+        add_revision(cache, REPO, branch, files)
+    return cache
+
+
+@pytest.fixture
+def offline(hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    return hub_cache
+
+
+def test_each_branch_loads_its_own_weights(offline):
+    models = {b: olmo_lab.load_model(REPO, revision=b) for b in BRANCHES}
+    default = olmo_lab.load_model(REPO)  # no revision: main
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.inference_mode():
+        logits = {b: m(ids).logits for b, m in models.items()}
+        assert torch.equal(default(ids).logits, logits["main"])
+    assert not torch.equal(logits["main"], logits["stage1-step1000-tokens2B"])
+    for branch, model in models.items():
+        commit = (offline / f"models--{REPO.replace('/', '--')}" / "refs" / branch).read_text()
+        assert Path(model.source).name == commit
+
+
+def test_each_branch_loads_its_own_tokenizer_files(offline):
+    for branch, seed in BRANCHES.items():
+        assert olmo_lab.load_tokenizer(REPO, revision=branch).model_max_length == 100 + seed
+
+
+def test_an_unknown_revision_names_it_and_the_cached_ones(offline):
+    for load in (olmo_lab.load_model, olmo_lab.load_tokenizer):
+        with pytest.raises(HubError, match=r"revision 'stage1-step9-tokens0B'") as err:
+            load(REPO, revision="stage1-step9-tokens0B")
+        assert "revisions in the local hub cache: main, stage1-step1000-tokens2B" in str(err.value)
+
+
+def test_a_snapshot_link_out_of_the_blob_store_is_refused(offline, tmp_path):
+    repo = offline / f"models--{REPO.replace('/', '--')}"
+    files = tmp_path / "files"
+    make_checkpoint(olmo3_config(), files)
+    commit = add_revision(offline, REPO, "escape", files)
+    link = repo / "snapshots" / commit / "model.safetensors"
+    link.unlink()
+    link.symlink_to(files / "model.safetensors")  # a real safetensors file, but outside the cache
+    try:
+        with pytest.raises(olmo_lab.UnsafeCheckpointError, match="link to a file outside"):
+            olmo_lab.load_model(REPO, revision="escape")
+    finally:
+        (repo / "refs" / "escape").unlink()
