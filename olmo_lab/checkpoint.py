@@ -151,10 +151,9 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         keep = resolve_experts(config.expert_names, experts)
         config = _with(config, num_experts=len(keep), num_experts_per_tok=min(config.num_experts_per_tok, len(keep)),
                        expert_names=[config.expert_names[e] for e in keep])
-    target = _parse_dtype(dtype)
+    target, device = _parse_dtype(dtype), _parse_device(device)
     locations, files = _weight_files(directory, hub.blob_store(directory) if from_hub else None)
-    with torch.device("meta"), _SkipInit():
-        model = OlmoModel(config)
+    model = model_shell(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -183,6 +182,12 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     model.config = _with(model.config, dtype=_dtype_name(target))
     model.source = directory
     return model.eval()
+
+
+def model_shell(config: OlmoConfig) -> OlmoModel:
+    """The model on the meta device, parameters uninitialised: shapes only, no memory, no init work."""
+    with torch.device("meta"), _SkipInit():
+        return OlmoModel(config)
 
 
 class _SkipInit(TorchFunctionMode):
@@ -214,6 +219,20 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ConfigError(f"dtype: unknown dtype {dtype!r} (use torch.float32, torch.bfloat16 or torch.float16)")
+
+
+def _parse_device(device) -> torch.device:
+    """The requested device; InputError for a name torch does not know or a device this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(parsed.type)
+    if backend is not None and not backend.is_available():
+        raise InputError(f"device: {device!r} is not available on this machine")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"device: {device!r} is not available on this machine ({torch.cuda.device_count()} GPUs)")
+    return parsed
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,13 +1,6 @@
-"""`revision=` offline: a local hub cache with two branches of one repo, in the layout huggingface_hub reads.
+"""`revision=` offline: a local hub cache with two branches of one repo (see `_hub_cache`)."""
 
-    models--{owner}--{name}/blobs/{hash}            file contents
-    models--{owner}--{name}/refs/{branch}           the commit the branch points at
-    models--{owner}--{name}/snapshots/{commit}/...  links to the blobs, one tree per commit
-"""
-
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,27 +8,11 @@ import torch
 
 import olmo_lab
 from olmo_lab import HubError
+from _hub_cache import add_revision
 from oracle import char_tokenizer, make_checkpoint, olmo3_config
 
 REPO = "lab-test/tiny-olmo3"
 BRANCHES = {"stage1-step1000-tokens2B": 1, "main": 2}  # branch: the seed of its random weights
-
-
-def add_revision(cache: Path, repo_id: str, branch: str, files: Path) -> str:
-    """Put the files of directory `files` into `cache` as the tree of a new commit `branch` points at."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(f"{repo_id}@{branch}".encode()).hexdigest()
-    for f in sorted(files.iterdir()):
-        data = f.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / f.name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / branch).write_text(commit)
-    return commit
 
 
 @pytest.fixture(scope="module")
