@@ -51,6 +51,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     """
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
+        if revision is not None:
+            raise CheckpointError(f"revision: {revision!r} names a version of a hub repo, but {path!r} is a local "
+                                  f"directory, which has only the one version")
         return path
     if os.path.exists(path) or not hub.looks_like_repo_id(path) or "/" not in path:
         raise CheckpointError(f"checkpoint: {path!r} is not a directory (and not a hub repo id like "

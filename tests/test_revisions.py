@@ -73,3 +73,11 @@ def test_a_snapshot_link_out_of_the_blob_store_is_refused(offline, tmp_path):
             olmo_lab.load_model(REPO, revision="escape")
     finally:
         (repo / "refs" / "escape").unlink()
+
+
+def test_a_revision_of_a_local_directory_is_refused(tmp_path):
+    directory = char_tokenizer(make_checkpoint(olmo3_config(), tmp_path / "local"))
+    with pytest.raises(olmo_lab.CheckpointError, match="revision: 'main' names a version of a hub repo, but"):
+        olmo_lab.load_model(directory, revision="main")
+    with pytest.raises(olmo_lab.TokenizerError, match="revision: 'main' names a version of a hub repo, but"):
+        olmo_lab.load_tokenizer(directory, revision="main")
