@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(q):
         q.add_argument("prompt", nargs="?", default="-",
-                       help="the text to continue (default, or '-': each line of standard input is a prompt)")
+                       help="the text to continue; none, or '-', reads standard input: one prompt per line")
         q.add_argument("--model", help="lab model name, checkpoint directory or hub repo id (default: the "
                                        "embedded lab model)")
         q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)

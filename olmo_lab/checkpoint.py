@@ -133,6 +133,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
 
     dtype: the parameter dtype (default: the checkpoint's `dtype` field, else its tensors' dtype);
         RoPE tables always stay fp32.
+    device: where the weights go; an unknown device, or one this machine lacks, is an InputError.
+    revision: a branch, tag or commit of a hub repo (hub repo ids only).
     experts: FlexOlmo only; names or indices of the experts to keep. Only their tensors are read,
         and the result equals loading everything and opting the others out.
     expert_names: names for the checkpoint's experts (default: config `expert_names`, the documented

@@ -31,7 +31,6 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str)
     is_offline = constants.HF_HUB_OFFLINE or offline()
     cache_dir = os.environ.get("HF_HUB_CACHE") or (
         os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
-    cached = cached_revisions(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
@@ -39,6 +38,7 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str)
     # huggingface_hub raises from several hierarchies (OSError subclasses for HTTP and cache misses,
     # ValueError for bad ids, httpx errors for proxies); all mean "could not get the files".
     except Exception as err:  # noqa: BLE001 -- turned into one clear HubError
+        cached = cached_revisions(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
         if is_offline and revision and cached:
             reason = "HF_HUB_OFFLINE is set and the local hub cache has no such revision"
         elif is_offline:
