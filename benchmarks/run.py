@@ -225,7 +225,7 @@ def cold_start(repeats: int) -> dict:
     cli = [script] if os.path.exists(script) else [sys.executable, "-m", "olmo_lab"]
     cli += ["generate", "The king said", "--max-new-tokens", str(COLD_TOKENS)]
     times = {"import torch": [], "generate": [], "first load": [], "second load": []}
-    compiler = False
+    compiler, load_before = False, os.getloadavg()[0]
     for _ in range(repeats):
         times["import torch"].append(wall([sys.executable, "-c", "import torch"]))
         times["generate"].append(wall(cli))
@@ -240,7 +240,9 @@ def cold_start(repeats: int) -> dict:
             f"olmo-lab generate {COLD_TOKENS} tokens (olmo3-lab) s": best["generate"],
             "generate / import torch": best["generate"] / best["import torch"],
             "first load_model after import s": best["first load"], "second load_model s": best["second load"],
-            "torch._dynamo imported by load_model": compiler}
+            "torch._dynamo imported by load_model": compiler,
+            "machine load (1-min load average, start / end)": f"{load_before:.1f} / {os.getloadavg()[0]:.1f} "
+                                                               f"on {os.cpu_count()} CPUs"}
 
 
 def wall(cmd: list[str]) -> float:
