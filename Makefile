@@ -30,8 +30,9 @@ $(VENV)/.test: $(VENV)/.base
 install: $(VENV)/.base
 install-test: $(VENV)/.test
 
+# JupyterLab on notebooks/, as root or not, with or without a display; LAB_ARGS go to JupyterLab.
 lab: $(VENV)/.base
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) notebooks/launch.py $(LAB_ARGS)
 
 test: $(VENV)/.test
 	$(THREADS) $(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env tests \

@@ -1,6 +1,8 @@
 """olmo-lab: OLMo 3 and FlexOlmo built layer by layer in plain PyTorch, exact against transformers.
 
     import olmo_lab
+    lab = olmo_lab.Lab("flexolmo-lab")                       # a model with its tokenizer, in one call
+    print(lab.generate("The integral of x^2 is", max_new_tokens=8))
     model = olmo_lab.load_model("path/or/hub-id")            # OLMo 2, OLMo 3 or FlexOlmo
     tok = olmo_lab.load_tokenizer("path/or/hub-id")
     print(olmo_lab.generate(model, tok, "The capital of France is", max_new_tokens=8))
@@ -20,6 +22,7 @@ from . import interventions, patching  # olmo_lab.interventions.Zero, olmo_lab.p
 from .interventions import intervene
 from .lab import lab_model
 from .model import OlmoModel
+from .session import Lab
 from .tokenizer import Tokenizer, load_tokenizer
 from .trace import trace  # the function: `with olmo_lab.trace(model) as tr:`
 

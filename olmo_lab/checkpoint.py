@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from . import hub
@@ -50,6 +51,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     """
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
+        if revision is not None:
+            raise CheckpointError(f"revision: {revision!r} names a version of a hub repo, but {path!r} is a local "
+                                  f"directory, which has only the one version")
         return path
     if os.path.exists(path) or not hub.looks_like_repo_id(path) or "/" not in path:
         raise CheckpointError(f"checkpoint: {path!r} is not a directory (and not a hub repo id like "
@@ -72,10 +76,14 @@ def default_expert_names(repo_id: str, num_experts: int) -> list[str] | None:
     return None
 
 
-def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
-    """{tensor name: absolute shard path} and the list of shard files, from the index or the single file."""
+def _weight_files(directory: str, blobs: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """{tensor name: absolute shard path} and the list of shard files, from the index or the single file.
+
+    Weight files must lie in `directory` itself, or be links into `blobs`, the blob store of the hub
+    cache `directory` is a snapshot of (huggingface_hub links every snapshot file there).
+    """
     index_path = os.path.join(directory, INDEX_FILE)
-    real_dir = os.path.realpath(directory)
+    allowed = {os.path.realpath(directory)} | ({os.path.realpath(blobs)} if blobs else set())
     if os.path.isfile(index_path):
         try:
             with open(index_path, encoding="utf-8") as f:
@@ -93,7 +101,7 @@ def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
                 raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is not a plain file name inside the "
                                             f"checkpoint directory; refusing to read it")
             full = os.path.join(directory, shard)
-            if os.path.dirname(os.path.realpath(full)) != real_dir:
+            if os.path.dirname(os.path.realpath(full)) not in allowed:
                 raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is a link to a file outside the "
                                             f"checkpoint directory; refusing to read it")
             if not shard.endswith(".safetensors"):
@@ -105,7 +113,7 @@ def _weight_files(directory: str) -> tuple[dict[str, str], list[str]]:
         return {name: paths[shard] for name, shard in weight_map.items()}, sorted(paths.values())
     single = os.path.join(directory, SINGLE_FILE)
     if os.path.isfile(single):
-        if os.path.dirname(os.path.realpath(single)) != real_dir:
+        if os.path.dirname(os.path.realpath(single)) not in allowed:
             raise UnsafeCheckpointError(f"{SINGLE_FILE} is a link to a file outside the checkpoint directory")
         f = SafetensorsFile(single)
         f.close()
@@ -125,6 +133,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
 
     dtype: the parameter dtype (default: the checkpoint's `dtype` field, else its tensors' dtype);
         RoPE tables always stay fp32.
+    device: where the weights go; an unknown device, or one this machine lacks, is an InputError.
+    revision: a branch, tag or commit of a hub repo (hub repo ids only).
     experts: FlexOlmo only; names or indices of the experts to keep. Only their tensors are read,
         and the result equals loading everything and opting the others out.
     expert_names: names for the checkpoint's experts (default: config `expert_names`, the documented
@@ -132,6 +142,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor).
     """
     directory = resolve_checkpoint(path_or_repo_id, revision)
+    from_hub = not os.path.isdir(os.fspath(path_or_repo_id))
     config = OlmoConfig.from_json(directory)
     if config.is_moe:
         names = expert_names or (None if config.expert_names != [f"expert_{i}" for i in range(config.num_experts)]
@@ -145,10 +156,9 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         keep = resolve_experts(config.expert_names, experts)
         config = _with(config, num_experts=len(keep), num_experts_per_tok=min(config.num_experts_per_tok, len(keep)),
                        expert_names=[config.expert_names[e] for e in keep])
-    target = _parse_dtype(dtype)
-    locations, files = _weight_files(directory)
-    with torch.device("meta"):
-        model = OlmoModel(config)
+    target, device = _parse_dtype(dtype), _parse_device(device)
+    locations, files = _weight_files(directory, hub.blob_store(directory) if from_hub else None)
+    model = model_shell(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -179,6 +189,25 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     return model.eval()
 
 
+def model_shell(config: OlmoConfig) -> OlmoModel:
+    """The model on the meta device, parameters uninitialised: shapes only, no memory, no init work."""
+    with torch.device("meta"), _SkipInit():
+        return OlmoModel(config)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Leaves `torch.nn.init` calls undone while a model shell is built: every weight is loaded next.
+
+    Besides saving the work, this keeps torch's compiler stack out of a cold start: on the meta device
+    `normal_` and `uniform_` run Python reference kernels that import `torch._dynamo` (~1.7 s).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def _with(config: OlmoConfig, **changes) -> OlmoConfig:
     try:
         return config.replace(**changes)
@@ -195,6 +224,20 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ConfigError(f"dtype: unknown dtype {dtype!r} (use torch.float32, torch.bfloat16 or torch.float16)")
+
+
+def _parse_device(device) -> torch.device:
+    """The requested device; InputError for a name torch does not know or a device this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(parsed.type)
+    if backend is not None and not backend.is_available():
+        raise InputError(f"device: {device!r} is not available on this machine")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"device: {device!r} is not available on this machine ({torch.cuda.device_count()} GPUs)")
+    return parsed
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -25,6 +25,11 @@ ROPE_TYPES = ("default", "yarn")
 RELEASED_7X7B_EXPERTS = ["public", "math", "news", "academic", "code", "creative", "reddit"]
 
 
+class UnstatedContextWarning(UserWarning):
+    """config.json gives `max_position_embeddings` <= 0 ("not stated", as OLMo-core's exporter writes it);
+    the family's default context applies instead."""
+
+
 class RemoteCodeIgnoredWarning(UserWarning):
     """A config asked for remote code (`auto_map`); olmo-lab never runs code from a checkpoint."""
 
@@ -216,6 +221,11 @@ class OlmoConfig:
                                 "num_attention_heads") }
         defaults = {"olmo3": (65536, 1e-5), "olmo2": (2048, 1e-5), "flex_olmo": (4096, 1e-6)}[model_type]
         kw["max_position_embeddings"] = d.get("max_position_embeddings", defaults[0])
+        if _is_int(kw["max_position_embeddings"]) and kw["max_position_embeddings"] <= 0:
+            warnings.warn(f"config.json: max_position_embeddings {kw['max_position_embeddings']} means 'not stated'; "
+                          f"using the {model_type} default context of {defaults[0]} positions", UnstatedContextWarning,
+                          stacklevel=2)
+            kw["max_position_embeddings"] = defaults[0]
         kw["rms_norm_eps"] = d.get("rms_norm_eps", defaults[1])
         for name in ("num_key_value_heads", "head_dim"):
             if d.get(name) is not None:
@@ -306,8 +316,12 @@ def _check_int(name, value, minimum=None):
         raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_token_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return _is_int(value) and value >= 0
 
 
 def _check_float(name, value):

@@ -38,10 +38,26 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str)
     # huggingface_hub raises from several hierarchies (OSError subclasses for HTTP and cache misses,
     # ValueError for bad ids, httpx errors for proxies); all mean "could not get the files".
     except Exception as err:  # noqa: BLE001 -- turned into one clear HubError
-        if is_offline:
+        cached = cached_revisions(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
+        if is_offline and revision and cached:
+            reason = "HF_HUB_OFFLINE is set and the local hub cache has no such revision"
+        elif is_offline:
             reason = "HF_HUB_OFFLINE is set and the repo is not in the local hub cache"
         else:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             reason = f"the hub is unreachable or the repo does not exist ({type(err).__name__}: {first})"
+        if revision and cached:
+            reason += f" (revisions in the local hub cache: {', '.join(cached)})"
         raise HubError(f"cannot load the {what} of hub repo {where}: {reason}. "
                        "Pass a local checkpoint directory instead.") from None
+
+
+def cached_revisions(cache: Path, repo_id: str) -> list[str]:
+    """The branch and tag names (`refs/`) of `repo_id` in a local hub cache, sorted; [] when it has none."""
+    refs = cache / ("models--" + repo_id.replace("/", "--")) / "refs"
+    return sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []
+
+
+def blob_store(snapshot_dir: str | os.PathLike) -> Path:
+    """The `blobs/` folder a hub-cache snapshot (`models--o--n/snapshots/<commit>/`) links its files into."""
+    return Path(snapshot_dir).resolve().parent.parent / "blobs"

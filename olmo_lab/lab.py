@@ -31,6 +31,11 @@ def lab_model(name: str) -> str:
     return str(path)
 
 
+def resolve(name_or_path: str) -> str:
+    """A lab model's directory for its name ("olmo3-lab"); anything else (a directory, a repo id) as given."""
+    return lab_model(name_or_path) if name_or_path in LAB_MODELS else name_or_path
+
+
 def samples() -> dict:
     """Short public-domain or permissively licensed evaluation texts per domain, with their licences:
     {domain: {"licence": str, "texts": [str, ...]}}."""

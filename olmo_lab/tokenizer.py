@@ -305,6 +305,9 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
     `HF_HUB_OFFLINE` is set.
     """
     path = Path(path_or_repo_id).expanduser()
+    if revision is not None and path.exists():
+        raise TokenizerError(f"revision: {revision!r} names a version of a hub repo, but {path} is a local path, "
+                             f"which has only the one version")
     if path.is_file():
         return _load_files(path, path.parent if path.name == "tokenizer.json" else None)
     if path.is_dir():

@@ -59,3 +59,17 @@ def test_a_quick_run_is_not_judged(tmp_path):
     bench.write(results, str(tmp_path))
     text = (tmp_path / "RESULTS-quick.md").read_text()
     assert "Not judged" in text and "| olmo3-150M | decode b1 vs transformers" not in text
+
+
+def test_the_cold_start_section_judges_its_targets(tmp_path):
+    cold = {"date": "2026-12-02", "repeats": 7, "python -c 'import torch' s": 2.0,
+            "olmo-lab generate 30 tokens (olmo3-lab) s": 3.0, "generate / import torch": 1.5,
+            "first load_model after import s": 0.05, "second load_model s": 0.01,
+            "torch._dynamo imported by load_model": False}
+    results = {"quick": True, "date": "2026-12-02", "device": "cpu", "machine": "x86_64", "torch": "2.13.0",
+               "threads": 2, "transformers": "5.24.0", "models": {}, "cold start": cold}
+    bench.write(results, str(tmp_path))
+    rows = [line for line in (tmp_path / "RESULTS-quick.md").read_text().splitlines() if "<=" in line or "compiler" in line]
+    assert rows == ["| first load_model after import s <= 0.2 | 0.050 | yes |",
+                    "| generate / import torch <= 1.4 | 1.500 | **no** |",
+                    "| no compiler import on the loading path | none | yes |"]

@@ -10,15 +10,14 @@ Run it alone with `pytest -m browser`.
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from _jupyter import free_port, jupyter_server
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "test-output" / "browser"
@@ -36,12 +35,6 @@ def _ensure_chromium():
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on a copy of the notebooks; always shut down, even when a test fails."""
@@ -49,7 +42,7 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     for nb in ("02_attention_maps.ipynb", "04_expert_toggles.ipynb", "07_interventions.ipynb"):
         shutil.copy(ROOT / "notebooks" / nb, root / nb)
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)  # no "get Jupyter news?" pop-up over the widgets
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
@@ -58,32 +51,11 @@ def lab(tmp_path_factory):
     (tracker / "tracker.jupyterlab-settings").write_text('{"autoStartDefaultKernel": true}')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(root / ".jupyter"),
            "JUPYTER_RUNTIME_DIR": str(root / ".runtime"), "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False", "--allow-root",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise RuntimeError("JupyterLab exited: " + server.stdout.read().decode()[-2000:])
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("JupyterLab did not start within 60 s")
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
+           "--allow-root", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    with jupyter_server(cmd, port, token, env) as url:
         yield url, token
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
 
 
 @pytest.fixture(scope="module")

