@@ -113,8 +113,14 @@ def main(argv=None) -> int:
         parser.error("--max-new-tokens must be >= 0")
     try:
         print(run(args))
-    except (OlmoLabError, ValueError, OSError) as e:
+    except (OlmoLabError, ValueError, OSError) as e:  # every bad input is an OlmoLabError, checked before work
         print(f"olmo-lab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("olmo-lab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- a bug, still one line: the promise is never a traceback
+        print(f"olmo-lab: error: unexpected {type(e).__name__}: {e} (please report this)", file=sys.stderr)
         return 1
     return 0
 
