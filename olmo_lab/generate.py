@@ -74,8 +74,9 @@ class Sampler:
             raise GenerationError("the model produced NaN or Inf logits; sampling needs finite ones (check the "
                                   "weights and dtype)")
         scaled = logits.float() / self.temperature
-        if not bool(torch.isfinite(scaled).all()):  # a tiny temperature overflowed: shift first (same softmax)
-            scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / self.temperature
+        if not bool(torch.isfinite(scaled).all()):  # a tiny temperature overflowed: the same softmax, shifted to
+            top = logits.double().amax(dim=-1, keepdim=True)  # <= 0 and in float64, where any temperature > 0 is
+            scaled = (logits.double() - top) / self.temperature  # nonzero: the top logit stays 0, not NaN
         logits = scaled
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]

@@ -108,10 +108,15 @@ class Tokenizer:
         `add_special_tokens=False` (the default) returns exactly the ids of the text; special-token
         strings written in the text, like `<|im_start|>`, still become their single ids.
         """
-        if isinstance(text, str):
-            return self.backend.encode(_unicode(text, "encode"), add_special_tokens=add_special_tokens).ids
-        texts = _check_texts(text, "encode")
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        texts = None if isinstance(text, str) else _check_texts(text, "encode")
+        try:
+            if texts is None:
+                return self.backend.encode(_unicode(text, "encode"), add_special_tokens=add_special_tokens).ids
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except Exception as err:  # noqa: BLE001 -- the Rust side raises a bare Exception (e.g. no unknown token)
+            if isinstance(err, TokenizerError):
+                raise
+            raise TokenizerError(f"{self.source}: cannot encode the text ({_first_line(err)})") from None
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """The text of a sequence of ids (a list or a 1-D tensor).
@@ -218,6 +223,7 @@ class Tokenizer:
     def apply_chat_template(
         self,
         messages: Sequence[Mapping],
+        /,
         add_generation_prompt: bool = False,
         tokenize: bool = False,
         **variables,
