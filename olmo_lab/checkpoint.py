@@ -234,7 +234,8 @@ def _parse_device(device) -> torch.device:
         try:
             device = torch.device(device)
         except (RuntimeError, ValueError):
-            raise InputError(f"device: {brief(device)} is not a device (use 'cpu', 'cuda', 'cuda:1' or 'mps')") from None
+            raise InputError(f"device: {brief(device)} is not a device (use 'cpu', 'cuda', 'cuda:1' or "
+                             f"'mps')") from None
     if not isinstance(device, torch.device):
         raise InputError(f"device: expected a string such as 'cpu' or 'cuda', or a torch.device, got {brief(device)}")
     if device.type == "cuda":
@@ -257,9 +258,10 @@ def _check_arguments(revision, experts, expert_names, progress) -> None:
         raise InputError(f"revision: expected a branch, tag or commit name (str), got {brief(revision)}")
     if progress is not None and not isinstance(progress, bool):
         raise InputError(f"progress: expected True, False or None, got {brief(progress)}")
-    if experts is not None and (isinstance(experts, bool) or not isinstance(experts, (str, int, list, tuple))):
+    collections = (list, tuple, set, frozenset)
+    if experts is not None and (isinstance(experts, bool) or not isinstance(experts, (str, int, *collections))):
         raise ExpertError(f"experts: expected a name, an index or a list of them, got {brief(experts)}")
-    if isinstance(experts, (list, tuple)) and not experts:
+    if isinstance(experts, collections) and not experts:
         raise ExpertError("experts: the list of experts is empty")
     if expert_names is not None:
         if not isinstance(expert_names, (list, tuple)) or not all(isinstance(n, str) and n for n in expert_names):

@@ -137,7 +137,8 @@ class OlmoConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible or inconsistent field."""
         if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type: {brief(self.model_type)} is not supported (expected one of {', '.join(MODEL_TYPES)})")
+            raise ConfigError(f"model_type: {brief(self.model_type)} is not supported "
+                              f"(expected one of {', '.join(MODEL_TYPES)})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             _check_int(name, getattr(self, name), minimum=1)
@@ -161,7 +162,8 @@ class OlmoConfig:
             raise ConfigError(f"layer_types: has {n} entries but num_hidden_layers is {self.num_hidden_layers}")
         for i, t in enumerate(self.layer_types):
             if t not in LAYER_TYPES:
-                raise ConfigError(f"layer_types[{i}]: unknown layer type {brief(t)} (expected {' or '.join(LAYER_TYPES)})")
+                raise ConfigError(f"layer_types[{i}]: unknown layer type {brief(t)} "
+                                  f"(expected {' or '.join(LAYER_TYPES)})")
         if SLIDING in self.layer_types:
             if self.model_type != "olmo3":
                 raise ConfigError(f"layer_types: {self.model_type} has no sliding-window layers")
@@ -210,7 +212,8 @@ class OlmoConfig:
         if model_type is None:
             raise ConfigError("model_type: missing from config.json")
         if model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type: {brief(model_type)} is not supported (expected one of {', '.join(MODEL_TYPES)})")
+            raise ConfigError(f"model_type: {brief(model_type)} is not supported "
+                              f"(expected one of {', '.join(MODEL_TYPES)})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if name not in d:
                 raise ConfigError(f"{name}: missing from config.json")

@@ -108,14 +108,12 @@ class Tokenizer:
         `add_special_tokens=False` (the default) returns exactly the ids of the text; special-token
         strings written in the text, like `<|im_start|>`, still become their single ids.
         """
-        texts = None if isinstance(text, str) else _check_texts(text, "encode")
+        texts = [_unicode(text, "encode")] if isinstance(text, str) else _check_texts(text, "encode")
         try:
-            if texts is None:
-                return self.backend.encode(_unicode(text, "encode"), add_special_tokens=add_special_tokens).ids
+            if isinstance(text, str):
+                return self.backend.encode(texts[0], add_special_tokens=add_special_tokens).ids
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
         except Exception as err:  # noqa: BLE001 -- the Rust side raises a bare Exception (e.g. no unknown token)
-            if isinstance(err, TokenizerError):
-                raise
             raise TokenizerError(f"{self.source}: cannot encode the text ({_first_line(err)})") from None
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
@@ -290,6 +288,9 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
     the tokenizer files are fetched, at `revision`, or read from the local hub cache when
     `HF_HUB_OFFLINE` is set.
     """
+    if not isinstance(path_or_repo_id, (str, os.PathLike)) or "\0" in str(path_or_repo_id):
+        raise TokenizerError(f"tokenizer: expected a file, a directory or a hub repo id (a str or path), got "
+                             f"{path_or_repo_id!r:.100}")
     path = Path(path_or_repo_id).expanduser()
     if path.is_file():
         return _load_files(path, path.parent if path.name == "tokenizer.json" else None)

@@ -25,7 +25,7 @@ import tokenizers
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import olmo_lab
 from olmo_lab import checkpoint
@@ -38,9 +38,9 @@ from olmo_lab.json_file import MAX_DEPTH, parse_json
 from olmo_lab.safetensors_file import SafetensorsFile
 from olmo_lab.tokenizer import load_tokenizer
 from olmo_lab.widgets import AttentionExplorerState, ExpertSwitchboard, SwitchboardState
-from test_bad_inputs import (DENSE, FLEX, WEIGHT, assert_load_fails, build, copy_checkpoint, dense, dense_dir,  # noqa: F401
-                             edit_config, edit_index, edit_weights, files_of, flex, flex_dir, sharded, shards, tok,
-                             unchanged, word_tokenizer, write_raw_safetensors)
+from test_bad_inputs import (DENSE, FLEX, WEIGHT, assert_load_fails, build, copy_checkpoint, edit_index, edit_weights,
+                             shards, unchanged, word_tokenizer, write_raw_safetensors)
+from test_bad_inputs import dense, dense_dir, flex, flex_dir, sharded, tok  # noqa: F401 -- fixtures
 
 # Fixed and derandomized: the same examples on every run, nothing written to disk.
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
@@ -347,6 +347,11 @@ def test_bad_expert_arguments_at_load(flex_dir, kw, message):
 @pytest.mark.parametrize("path", [None, 12, b"/tmp", "a\0b"], ids=["None", "int", "bytes", "NUL"])
 def test_bad_checkpoint_path(path):
     fails_fast(CheckpointError, "checkpoint: expected a directory or a hub repo id", lambda: olmo_lab.load_model(path))
+
+
+@pytest.mark.parametrize("path", [None, 12, b"/tmp", "a\0b"], ids=["None", "int", "bytes", "NUL"])
+def test_bad_tokenizer_path(path):
+    fails_fast(TokenizerError, "tokenizer: expected a file, a directory or a hub repo id", lambda: load_tokenizer(path))
 
 
 # ---------------------------------------------------------------------------------------- generate / forward
