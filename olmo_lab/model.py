@@ -182,7 +182,7 @@ class OlmoModel(nn.Module):
     def set_attention_backend(self, backend: str) -> "OlmoModel":
         """"sdpa" (fused, fast) or "eager" (explicit softmax). Both give the same logits up to rounding."""
         if backend not in ("sdpa", "eager"):
-            raise ValueError(f"backend: expected 'sdpa' or 'eager', got {backend!r}")
+            raise InputError(f"backend: expected 'sdpa' or 'eager', got {backend!r:.80}")
         for block in self.model.layers:
             block.self_attn.backend = backend
         return self
