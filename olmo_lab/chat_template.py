@@ -70,7 +70,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return wrapped
 
     def call(self, __context, __obj, *args, **kwargs):
-        if any(_too_big(a) for a in (*args, *kwargs.values())):
+        sizes = isinstance(getattr(__obj, "__self__", None), (str, bytes, list, tuple)) \
+            or getattr(__obj, "__name__", "") == "safe_range"  # "a".ljust(n), range(n): n is a size
+        if sizes and any(_too_big(a) for a in (*args, *kwargs.values())):
             raise _Refused(f"it calls {getattr(__obj, '__name__', 'a function')} with a size beyond {MAX_CHARS}")
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
@@ -95,8 +97,10 @@ def _like(wrapper, f):
 
 def _bounded_filter(f):
     """A filter that refuses size arguments beyond MAX_CHARS (`center(10**10)`) and oversized results."""
+    params = 2 if hasattr(f, "jinja_pass_arg") else 1  # after the context (if passed) and the value
+
     def bounded(*args, **kwargs):
-        if any(_too_big(a) for a in (*args, *kwargs.values())):
+        if any(_too_big(a) for a in (*args[params:], *kwargs.values())):
             raise _Refused(f"its filter {f.__name__} was given a size beyond {MAX_CHARS}")
         if f.__name__ == "do_format" and any(isinstance(a, str) and _HUGE_NUMBER.search(a) for a in args[:1]):
             raise _Refused("it formats with a width or precision of 100 million or more")

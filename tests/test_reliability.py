@@ -475,6 +475,8 @@ def test_bounded_template_still_renders_like_transformers_settings(tok):
     text = tok.apply_chat_template([{"role": "user", "content": " w1 "}], tools=[1])
     assert text == '<|user|>w1\na,bx1007   2[{"role": "user", "content": " w1 "}]'
     assert len(render_chat_template("{{ 'a' * n }}", "src", n=MAX_CHARS)) == MAX_CHARS  # the bound is inclusive
+    big = "{{ '{:,}'.format(n) }} {{ n|filesizeformat }} {{ (n / 2)|int }} {{ n * n }}"  # big numbers are fine
+    assert render_chat_template(big, "src", n=10**12) == "1,000,000,000,000 1.0 TB 500000000000 " + str(10**24)
 
 
 # ---------------------------------------------------------------------------------------- toggles and snapshots
