@@ -153,8 +153,14 @@ def main(argv=None) -> int:
         parser.error("the prompt is missing: give it as an argument or pipe it into standard input")
     try:
         run(args, sys.stdout)
-    except (OlmoLabError, ValueError, OSError) as e:
+    except (OlmoLabError, ValueError, OSError) as e:  # every bad input is an OlmoLabError, checked before work
         print(f"olmo-lab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("olmo-lab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- a bug, still one line: the promise is never a traceback
+        print(f"olmo-lab: error: unexpected {type(e).__name__}: {e} (please report this)", file=sys.stderr)
         return 1
     return 0
 

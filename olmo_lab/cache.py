@@ -43,6 +43,11 @@ class KVCache:
         self.keys[layer], self.values[layer] = k[:, :, first:], v[:, :, first:]
         return k, v
 
+    @property
+    def batch_size(self) -> int | None:
+        """How many sequences the cache holds (None while empty)."""
+        return next((k.shape[0] for k in self.keys if k is not None), None)
+
     def layer_length(self, layer: int) -> int:
         """How many positions layer `layer` holds (bounded by W-1 on sliding layers)."""
         return 0 if self.keys[layer] is None else self.keys[layer].shape[2]

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
@@ -25,8 +26,9 @@ from tqdm.auto import tqdm
 from . import hub
 from .config import RELEASED_7X7B_EXPERTS, OlmoConfig
 from .errors import (CheckpointError, InputError, ConfigError, CorruptCheckpointError, ExpertError,
-                     MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError)
+                     MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError, brief)
 from .experts import resolve_experts
+from .json_file import read_json
 from .model import OlmoModel
 from .safetensors_file import SafetensorsFile
 
@@ -49,14 +51,17 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     Honours HF_HUB_OFFLINE: offline, only the local hub cache is used. Anything that keeps the repo
     from being resolved raises HubError naming the repo.
     """
-    path = os.fspath(path_or_repo_id)
+    path = os.fspath(path_or_repo_id) if isinstance(path_or_repo_id, (str, os.PathLike)) else None
+    if not isinstance(path, str) or "\0" in path:
+        raise CheckpointError(f"checkpoint: expected a directory or a hub repo id (a str or path), got "
+                              f"{brief(path_or_repo_id)}")
     if os.path.isdir(path):
         if revision is not None:
             raise CheckpointError(f"revision: {revision!r} names a version of a hub repo, but {path!r} is a local "
                                   f"directory, which has only the one version")
         return path
     if os.path.exists(path) or not hub.looks_like_repo_id(path) or "/" not in path:
-        raise CheckpointError(f"checkpoint: {path!r} is not a directory (and not a hub repo id like "
+        raise CheckpointError(f"checkpoint: {brief(path)} is not a directory (and not a hub repo id like "
                               f"'allenai/Olmo-3-1025-7B')")
     return str(hub.snapshot(path, revision, patterns or CHECKPOINT_FILES, "checkpoint"))
 
@@ -85,21 +90,18 @@ def _weight_files(directory: str, blobs: str | None = None) -> tuple[dict[str, s
     index_path = os.path.join(directory, INDEX_FILE)
     allowed = {os.path.realpath(directory)} | ({os.path.realpath(blobs)} if blobs else set())
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-            if not all(isinstance(shard, str) for shard in weight_map.values()):
-                raise TypeError("weight_map values must be shard file names")
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CorruptCheckpointError(f"{INDEX_FILE}: malformed index ({type(e).__name__}: {e})") from None
+        index = read_json(index_path, INDEX_FILE, CorruptCheckpointError)  # a tensor listed twice is refused here
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CorruptCheckpointError(f"{INDEX_FILE}: malformed index (no 'weight_map' object)")
+        if not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise CorruptCheckpointError(f"{INDEX_FILE}: malformed index (weight_map values must be shard file names)")
         paths = {}
         for shard in sorted(set(weight_map.values())):
-            if os.path.isabs(shard) or os.path.basename(shard) != shard \
+            if "\0" in shard or os.path.isabs(shard) or os.path.basename(shard) != shard \
                     or shard in ("", ".", ".."):
-                raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is not a plain file name inside the "
-                                            f"checkpoint directory; refusing to read it")
+                raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {brief(shard)} is not a plain file name inside "
+                                            f"the checkpoint directory; refusing to read it")
             full = os.path.join(directory, shard)
             if os.path.dirname(os.path.realpath(full)) not in allowed:
                 raise UnsafeCheckpointError(f"{INDEX_FILE}: shard {shard!r} is a link to a file outside the "
@@ -125,25 +127,49 @@ def _weight_files(directory: str, blobs: str | None = None) -> tuple[dict[str, s
     raise MissingTensorError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def _check_shards(locations: dict[str, str], readers: dict) -> None:
+    """Every shard holds exactly the tensors the index lists for it (as a single file holds all of them)."""
+    for path, reader in readers.items():
+        listed = {name for name, where in locations.items() if where == path}
+        absent = sorted(listed - set(reader.keys()))
+        if absent:
+            raise CorruptCheckpointError(f"{INDEX_FILE}: tensor {absent[0]!r} is not in {os.path.basename(path)}"
+                                         + (f" (nor {len(absent) - 1} more it lists there)" if len(absent) > 1 else ""))
+        unlisted = sorted(set(reader.keys()) - listed)
+        if unlisted:
+            raise CorruptCheckpointError(f"{os.path.basename(path)}: holds {len(unlisted)} tensor(s) that "
+                                         f"{INDEX_FILE} does not list for it: {_shown(unlisted)}")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
 # ---------------------------------------------------------------------------------------- loading
 def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                revision: str | None = None, experts: list | None = None, expert_names: list[str] | None = None,
                progress: bool | None = None) -> OlmoModel:
     """Load an OLMo 2 / OLMo 3 / FlexOlmo checkpoint from a directory or a hub repo id.
 
-    dtype: the parameter dtype (default: the checkpoint's `dtype` field, else its tensors' dtype);
-        RoPE tables always stay fp32.
-    device: where the weights go; an unknown device, or one this machine lacks, is an InputError.
+    dtype: the parameter dtype, torch.float32, torch.bfloat16 or torch.float16 (or its name; default: the
+        checkpoint's `dtype` field, else its tensors' dtype); RoPE tables always stay fp32.
+    device: "cpu", "cuda", "cuda:N" or "mps" (or a torch.device); it must exist on this machine.
     revision: a branch, tag or commit of a hub repo (hub repo ids only).
     experts: FlexOlmo only; names or indices of the experts to keep. Only their tensors are read,
         and the result equals loading everything and opting the others out.
     expert_names: names for the checkpoint's experts (default: config `expert_names`, the documented
         names of the released allenai checkpoints, or expert_0, expert_1, ...).
-    Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor).
+    Every argument is checked before any file is read, and every tensor's header entry (dtype, shape,
+    byte range) before any tensor data is read or allocated.
+    Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor), also where
+    they appear only once cast to `dtype` (1e6 in float16).
     """
+    target, device = _parse_dtype(dtype), _parse_device(device)
+    _check_arguments(revision, experts, expert_names, progress)
     directory = resolve_checkpoint(path_or_repo_id, revision)
     from_hub = not os.path.isdir(os.fspath(path_or_repo_id))
     config = OlmoConfig.from_json(directory)
+    total_experts = config.num_experts
     if config.is_moe:
         names = expert_names or (None if config.expert_names != [f"expert_{i}" for i in range(config.num_experts)]
                                  else default_expert_names(os.fspath(path_or_repo_id), config.num_experts))
@@ -156,7 +182,6 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         keep = resolve_experts(config.expert_names, experts)
         config = _with(config, num_experts=len(keep), num_experts_per_tok=min(config.num_experts_per_tok, len(keep)),
                        expert_names=[config.expert_names[e] for e in keep])
-    target, device = _parse_dtype(dtype), _parse_device(device)
     locations, files = _weight_files(directory, hub.blob_store(directory) if from_hub else None)
     model = model_shell(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -166,12 +191,15 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     try:
         for path in files:
             readers[path] = SafetensorsFile(path)
-        plan = _plan(config, keep, locations, expected)
+        _check_shards(locations, readers)
+        plan = _plan(config, keep, locations, expected, total_experts)
+        _check_headers(plan, readers)  # every entry against the config, before a byte of data is read
         if target is None:
             target = DTYPES.get(config.dtype) or _stored_dtype(readers, plan)
         show = progress if progress is not None else sum(os.path.getsize(p) for p in files) > PROGRESS_BYTES
-        for name, read in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
-            state[name] = _checked(name, read(readers), expected[name]).to(device=device, dtype=target)
+        for name, source in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
+            state[name] = _finite(name, source.read(readers).to(device=device, dtype=target),
+                                  readers[source.path].dtype(source.tensor))
     except BaseException:
         # The traceback keeps this frame alive (Jupyter keeps the last one): drop the weights read so
         # far and the model shell, so a failed load holds no memory and leaves nothing half-built.
@@ -216,28 +244,59 @@ def _with(config: OlmoConfig, **changes) -> OlmoConfig:
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
-    """The requested parameter dtype; ConfigError (a ValueError) for anything but a float dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and not dtype.is_floating_point:
-            raise ConfigError(f"dtype: {dtype} is not a floating-point dtype")
-        return dtype
+    """The requested parameter dtype: float32, bfloat16 or float16; ConfigError (a ValueError) otherwise."""
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ConfigError(f"dtype: unknown dtype {dtype!r} (use torch.float32, torch.bfloat16 or torch.float16)")
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ConfigError(f"dtype: {dtype} is not a floating-point dtype")
+    if isinstance(dtype, torch.dtype):
+        raise ConfigError(f"dtype: {dtype} is not supported (use torch.float32, torch.bfloat16 or torch.float16)")
+    raise ConfigError(f"dtype: unknown dtype {brief(dtype)} (use torch.float32, torch.bfloat16 or torch.float16)")
 
 
 def _parse_device(device) -> torch.device:
-    """The requested device; InputError for a name torch does not know or a device this machine lacks."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
-    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(parsed.type)
-    if backend is not None and not backend.is_available():
-        raise InputError(f"device: {device!r} is not available on this machine")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"device: {device!r} is not available on this machine ({torch.cuda.device_count()} GPUs)")
-    return parsed
+    """A device that exists on this machine: cpu, cuda[:N] or mps; InputError naming the problem otherwise."""
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise InputError(f"device: {brief(device)} is not a device (use 'cpu', 'cuda', 'cuda:1' or "
+                             f"'mps')") from None
+    if not isinstance(device, torch.device):
+        raise InputError(f"device: expected a string such as 'cpu' or 'cuda', or a torch.device, got {brief(device)}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device: {device} was asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device: {device} does not exist; this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("device: 'mps' was asked for, but MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise InputError(f"device: {device.type!r} devices are not supported (use 'cpu', 'cuda' or 'mps')")
+    return device
+
+
+def _check_arguments(revision, experts, expert_names, progress) -> None:
+    """The types of load_model's other arguments, before anything is read or downloaded."""
+    if revision is not None and not isinstance(revision, str):
+        raise InputError(f"revision: expected a branch, tag or commit name (str), got {brief(revision)}")
+    if progress is not None and not isinstance(progress, bool):
+        raise InputError(f"progress: expected True, False or None, got {brief(progress)}")
+    collections = (list, tuple, set, frozenset)
+    if experts is not None and (isinstance(experts, bool) or not isinstance(experts, (str, int, *collections))):
+        raise ExpertError(f"experts: expected a name, an index or a list of them, got {brief(experts)}")
+    if isinstance(experts, collections) and not experts:
+        raise ExpertError("experts: the list of experts is empty")
+    if expert_names is not None:
+        if not isinstance(expert_names, (list, tuple)) or not all(isinstance(n, str) and n for n in expert_names):
+            raise ExpertError(f"expert_names: expected a list of non-empty strings, one per expert, got "
+                              f"{brief(expert_names)}")
+        if not expert_names:
+            raise ExpertError("expert_names: the list is empty; give one name per expert")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -246,71 +305,76 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _stored_dtype(readers, plan) -> torch.dtype:
     """The floating dtype the checkpoint's first weight is stored in."""
-    name = next(iter(plan))
-    for reader in readers.values():
-        if name in reader.keys() and reader.dtype(name).is_floating_point:
-            return reader.dtype(name)
-    return torch.float32
+    source = next(iter(plan.values()))
+    return readers[source.path].dtype(source.tensor)
 
 
 FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 ROUTER = re.compile(r"model\.layers\.\d+\.mlp\.gate\.weight")
 
 
-def _plan(config: OlmoConfig, keep: list[int] | None, locations: dict[str, str], expected: dict) -> dict:
-    """{model tensor name: function(readers) -> tensor}, reading only what is needed.
+@dataclass(frozen=True)
+class _Source:
+    """Where one model tensor comes from: a file's tensor of a known header shape, whole or some rows of it."""
+
+    path: str
+    tensor: str
+    shape: tuple  # what its header entry must say
+    rows: int | list[int] | None = None  # one expert of a fused tensor, or the router rows of the kept experts
+    half: int | None = None  # 0 / 1: the gate / up half of a fused gate_up_proj row
+
+    def read(self, readers) -> torch.Tensor:
+        f = readers[self.path]
+        if self.rows is None:
+            t = f.read(self.tensor)
+        else:
+            t = f.read(self.tensor, [self.rows])[0] if isinstance(self.rows, int) else f.read(self.tensor, self.rows)
+        # the gate or up half of a (2I, H) fused row: a copy, as a view would keep both halves alive
+        return t if self.half is None else t.chunk(2, dim=0)[self.half].clone()
+
+
+def _plan(config: OlmoConfig, keep: list[int] | None, locations: dict[str, str], expected: dict,
+          total_experts: int) -> dict[str, _Source]:
+    """{model tensor name: its _Source}, reading only what is needed.
 
     Handles the per-expert and fused FlexOlmo layouts and the expert subset (`keep`, in checkpoint
-    numbering). Raises MissingTensorError / UnexpectedTensorError naming the tensors.
+    numbering, of `total_experts`). Raises MissingTensorError / UnexpectedTensorError naming the tensors.
     """
-    def read(name, index=None):
-        path = locations[name]
-
-        def reader(readers):
-            f = readers[path]
-            if name not in f.keys():
-                raise CorruptCheckpointError(f"{INDEX_FILE}: tensor {name!r} is not in {os.path.basename(path)}")
-            if index is None:
-                return f.read(name)
-            return f.read(name, [index])[0] if isinstance(index, int) else f.read(name, index)
-        return reader
-
     experts = keep if keep is not None else list(range(config.num_experts))
     plan, used, missing = {}, set(), []
-    for name in expected:
+    for name, shape in expected.items():
         m = FUSED.fullmatch(name)
         if m:
             prefix, local, proj = m.group(1), int(m.group(2)), m.group(3)
             source = f"{prefix}.{experts[local]}.{proj}.weight"
             if source in locations:
-                plan[name] = read(source)
+                plan[name] = _Source(locations[source], source, shape)
                 used.add(source)
                 continue
             fused = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
             if fused in locations:
                 half = {"gate_proj": 0, "up_proj": 1}.get(proj)
-                plan[name] = _fused_reader(read(fused, experts[local]), half)
+                rows = shape if half is None else (2 * shape[0], shape[1])  # (H, I) or [gate; up] (2I, H)
+                plan[name] = _Source(locations[fused], fused, (total_experts, *rows), experts[local], half)
                 used.add(fused)
                 continue
             missing.append(source)
-        elif ROUTER.fullmatch(name) and name in locations:
-            plan[name] = read(name, experts) if keep is not None else read(name)
+        elif ROUTER.fullmatch(name) and name in locations and keep is not None:
+            plan[name] = _Source(locations[name], name, (total_experts, shape[1]), experts)
             used.add(name)
         elif name in locations:
-            plan[name] = read(name)
+            plan[name] = _Source(locations[name], name, shape)
             used.add(name)
         else:
             missing.append(name)
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise MissingTensorError(f"checkpoint is missing {len(missing)} tensor(s) the model needs: {shown}")
+        raise MissingTensorError(f"checkpoint is missing {len(missing)} tensor(s) the model needs: {_shown(missing)}")
     unexpected = [n for n in locations if n not in used and not IGNORED_KEYS.fullmatch(n)
                   and not (config.tie_word_embeddings and n == "lm_head.weight")
                   and not (keep is not None and _is_unkept_expert(n, keep))]
     if unexpected:
-        shown = ", ".join(sorted(unexpected)[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
         raise UnexpectedTensorError(f"checkpoint has {len(unexpected)} tensor(s) this {config.model_type} model does "
-                                    f"not use: {shown}")
+                                    f"not use: {_shown(sorted(unexpected))}")
     return plan
 
 
@@ -319,25 +383,25 @@ def _is_unkept_expert(name: str, keep: list[int]) -> bool:
     return bool(m) and int(m.group(2)) not in keep
 
 
-def _fused_reader(read_expert, half):
-    """One expert's gate, up or down weight from transformers 5's fused (E, 2I, H) / (E, H, I) tensors."""
-    def reader(readers):
-        t = read_expert(readers)  # (2I, H): [gate; up], or (H, I) for down_proj
-        return t if half is None else t.chunk(2, dim=0)[half].clone()  # a copy: a view would keep both halves
-    return reader
+def _check_headers(plan: dict[str, _Source], readers) -> None:
+    """Each planned tensor's header entry has a floating dtype and the shape the config implies."""
+    for source in plan.values():
+        f = readers[source.path]
+        dtype, shape = f.dtype(source.tensor), tuple(f.shape(source.tensor))
+        if not dtype.is_floating_point:
+            raise ShapeMismatchError(f"tensor {source.tensor!r} has dtype {dtype}; weights must be floating point")
+        if shape != source.shape:
+            raise ShapeMismatchError(f"tensor {source.tensor!r} has shape {shape} in the checkpoint, but the config "
+                                     f"implies {source.shape}")
 
 
-def _checked(name: str, tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """The tensor, if it is a finite floating-point tensor of the expected shape."""
-    if not tensor.is_floating_point():
-        raise ShapeMismatchError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be floating point")
-    if tuple(tensor.shape) != shape:
-        raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, but the "
-                                 f"config implies {shape}")
+def _finite(name: str, tensor: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """The tensor, if it is finite in the dtype it was cast to (an fp32 1e6 is Inf in float16)."""
     if tensor.numel():
         low, high = torch.aminmax(tensor)  # NaN and Inf reach min or max; no tensor-sized temporary, unlike isfinite
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise CorruptCheckpointError(f"tensor {name!r} contains NaN or Inf values")
+            cast = "" if tensor.dtype == stored else f" once cast from {stored} to {tensor.dtype} (beyond its range)"
+            raise CorruptCheckpointError(f"tensor {name!r} contains NaN or Inf values{cast}")
     return tensor
 
 

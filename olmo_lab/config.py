@@ -9,13 +9,13 @@ form back. Invalid or inconsistent input raises `ConfigError` naming the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
+from .json_file import read_json
 
 MODEL_TYPES = ("olmo3", "olmo2", "flex_olmo")
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -23,6 +23,14 @@ LAYER_TYPES = (SLIDING, FULL)
 ROPE_TYPES = ("default", "yarn")
 # Names of the experts of the released FlexOlmo checkpoints, in router order (model card order).
 RELEASED_7X7B_EXPERTS = ["public", "math", "news", "academic", "code", "creative", "reddit"]
+# Generous bounds on every size, checked before anything is built from it, so an absurd config fails
+# at once instead of hanging while per-layer lists are built or overflowing inside torch. The largest
+# released models are far inside them (OLMo 3 32B: 64 layers, hidden 5120; vocabularies ~256k).
+MAX_SIZES = {"vocab_size": 2**24, "hidden_size": 2**20, "intermediate_size": 2**20, "num_hidden_layers": 2**12,
+             "num_attention_heads": 2**14, "num_key_value_heads": 2**14, "head_dim": 2**14,
+             "max_position_embeddings": 2**30, "sliding_window": 2**30, "original_max_position_embeddings": 2**30,
+             "num_experts": 2**12, "num_experts_per_tok": 2**12}
+MAX_EXPERTS_IN_ALL_LAYERS = 2**16  # num_hidden_layers * num_experts: each expert is three modules to build
 
 
 class UnstatedContextWarning(UserWarning):
@@ -94,7 +102,10 @@ class OlmoConfig:
 
     def __post_init__(self):
         for name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "num_experts"):
-            _check_int(name, getattr(self, name))  # the defaults below compute with them
+            _check_int(name, getattr(self, name))  # the defaults below compute with them (bounded first)
+        if self.num_hidden_layers * self.num_experts > MAX_EXPERTS_IN_ALL_LAYERS:
+            raise ConfigError(f"num_experts: {self.num_experts} experts in each of {self.num_hidden_layers} layers "
+                              f"is more than the {MAX_EXPERTS_IN_ALL_LAYERS} olmo-lab builds")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
@@ -131,7 +142,8 @@ class OlmoConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible or inconsistent field."""
         if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type: {self.model_type!r} is not supported (expected one of {', '.join(MODEL_TYPES)})")
+            raise ConfigError(f"model_type: {brief(self.model_type)} is not supported "
+                              f"(expected one of {', '.join(MODEL_TYPES)})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             _check_int(name, getattr(self, name), minimum=1)
@@ -144,6 +156,9 @@ class OlmoConfig:
         _check_int("head_dim", self.head_dim, minimum=2)
         if self.head_dim % 2:
             raise ConfigError(f"head_dim: must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_attention_heads * self.head_dim > MAX_SIZES["hidden_size"]:
+            raise ConfigError(f"head_dim: {self.num_attention_heads} heads of {self.head_dim} is wider than the "
+                              f"{MAX_SIZES['hidden_size']} olmo-lab allows")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_key_value_heads: {self.num_key_value_heads} does not divide "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -152,7 +167,8 @@ class OlmoConfig:
             raise ConfigError(f"layer_types: has {n} entries but num_hidden_layers is {self.num_hidden_layers}")
         for i, t in enumerate(self.layer_types):
             if t not in LAYER_TYPES:
-                raise ConfigError(f"layer_types[{i}]: unknown layer type {t!r} (expected {' or '.join(LAYER_TYPES)})")
+                raise ConfigError(f"layer_types[{i}]: unknown layer type {brief(t)} "
+                                  f"(expected {' or '.join(LAYER_TYPES)})")
         if SLIDING in self.layer_types:
             if self.model_type != "olmo3":
                 raise ConfigError(f"layer_types: {self.model_type} has no sliding-window layers")
@@ -161,13 +177,7 @@ class OlmoConfig:
             rope = self.rope.get(t) if isinstance(self.rope, dict) else None
             if not isinstance(rope, RopeConfig):
                 raise ConfigError(f"rope_parameters: no RoPE parameters for layer type {t!r}")
-            if rope.rope_type not in ROPE_TYPES:
-                raise ConfigError(f"rope_parameters[{t!r}].rope_type: unknown rope type {rope.rope_type!r} "
-                                  f"(supported: {', '.join(ROPE_TYPES)})")
-            if not (isinstance(rope.theta, (int, float)) and rope.theta > 0):
-                raise ConfigError(f"rope_parameters[{t!r}].rope_theta: must be a positive number, got {rope.theta!r}")
-            if rope.rope_type == "yarn" and not (isinstance(rope.factor, (int, float)) and rope.factor >= 1):
-                raise ConfigError(f"rope_parameters[{t!r}].factor: YaRN needs a factor >= 1, got {rope.factor!r}")
+            _check_rope(f"rope_parameters[{t!r}]", rope)
         if self.is_moe:
             _check_int("num_experts", self.num_experts, minimum=1)
             _check_int("num_experts_per_tok", self.num_experts_per_tok, minimum=1)
@@ -176,7 +186,7 @@ class OlmoConfig:
                                   f"num_experts {self.num_experts}")
             names = self.expert_names
             if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-                raise ConfigError(f"expert_names: must be a list of non-empty strings, got {names!r}")
+                raise ConfigError(f"expert_names: must be a list of non-empty strings, got {brief(names)}")
             if len(names) != self.num_experts:
                 raise ConfigError(f"expert_names: {len(names)} names for {self.num_experts} experts")
             if len(set(names)) != len(names):
@@ -193,12 +203,7 @@ class OlmoConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"config.json: file not found at {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config.json: not valid JSON ({path}): {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "config.json", ConfigError))
 
     @classmethod
     def from_dict(cls, d: dict) -> "OlmoConfig":
@@ -212,13 +217,14 @@ class OlmoConfig:
         if model_type is None:
             raise ConfigError("model_type: missing from config.json")
         if model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type: {model_type!r} is not supported (expected one of {', '.join(MODEL_TYPES)})")
+            raise ConfigError(f"model_type: {brief(model_type)} is not supported "
+                              f"(expected one of {', '.join(MODEL_TYPES)})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if name not in d:
                 raise ConfigError(f"{name}: missing from config.json")
             _check_int(name, d[name], minimum=1)
         kw = {k: d[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                "num_attention_heads") }
+                                "num_attention_heads")}
         defaults = {"olmo3": (65536, 1e-5), "olmo2": (2048, 1e-5), "flex_olmo": (4096, 1e-6)}[model_type]
         kw["max_position_embeddings"] = d.get("max_position_embeddings", defaults[0])
         if _is_int(kw["max_position_embeddings"]) and kw["max_position_embeddings"] <= 0:
@@ -226,6 +232,7 @@ class OlmoConfig:
                           f"using the {model_type} default context of {defaults[0]} positions", UnstatedContextWarning,
                           stacklevel=2)
             kw["max_position_embeddings"] = defaults[0]
+        _check_int("max_position_embeddings", kw["max_position_embeddings"], minimum=1)  # YaRN computes with it
         kw["rms_norm_eps"] = d.get("rms_norm_eps", defaults[1])
         for name in ("num_key_value_heads", "head_dim"):
             if d.get(name) is not None:
@@ -233,26 +240,26 @@ class OlmoConfig:
                 kw[name] = d[name]
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"hidden_act: only 'silu' (SwiGLU) is supported, got {act!r}")
+            raise ConfigError(f"hidden_act: only 'silu' (SwiGLU) is supported, got {brief(act)}")
         for name in ("attention_bias", "tie_word_embeddings", "norm_topk_prob"):
             if name in d:
                 if not isinstance(d[name], bool):
-                    raise ConfigError(f"{name}: must be true or false, got {d[name]!r}")
+                    raise ConfigError(f"{name}: must be true or false, got {brief(d[name])}")
                 kw[name] = d[name]
         for name in ("pad_token_id", "bos_token_id"):
             if d.get(name) is not None and not _is_token_id(d[name]):
-                raise ConfigError(f"{name}: must be a token id (an integer >= 0) or null, got {d[name]!r}")
+                raise ConfigError(f"{name}: must be a token id (an integer >= 0) or null, got {brief(d[name])}")
             kw[name] = d.get(name)
         eos = d.get("eos_token_id")
         if eos is not None and not all(_is_token_id(i) for i in (eos if isinstance(eos, list) else [eos])):
             raise ConfigError(f"eos_token_id: must be a token id (an integer >= 0), a list of them, or null, "
-                              f"got {eos!r}")
+                              f"got {brief(eos)}")
         kw["eos_token_id"] = eos
         kw["dtype"] = d.get("dtype", d.get("torch_dtype"))
         if kw["dtype"] is not None and not isinstance(kw["dtype"], str):
-            raise ConfigError(f"dtype: must be a string such as 'bfloat16', got {kw['dtype']!r}")
+            raise ConfigError(f"dtype: must be a string such as 'bfloat16', got {brief(kw['dtype'])}")
         if d.get("clip_qkv") is not None:
-            raise ConfigError(f"clip_qkv: {d['clip_qkv']!r} is not supported (OLMo 2/3 and FlexOlmo use QK-norm, "
+            raise ConfigError(f"clip_qkv: {brief(d['clip_qkv'])} is not supported (OLMo 2/3 and FlexOlmo use QK-norm, "
                               "and transformers ignores this field)")
 
         layer_types = d.get("layer_types")
@@ -310,10 +317,14 @@ def default_layer_types(model_type: str, num_layers: int) -> list[str]:
 
 
 def _check_int(name, value, minimum=None):
+    """An int (not a bool) >= minimum and within the size bound of its field (`MAX_SIZES`)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        raise ConfigError(f"{name}: must be an integer, got {brief(value)}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+    maximum = MAX_SIZES.get(name.rsplit(".", 1)[-1])
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: {brief(value)} is larger than the {maximum} olmo-lab allows")
 
 
 def _is_int(value) -> bool:
@@ -321,12 +332,37 @@ def _is_int(value) -> bool:
 
 
 def _is_token_id(value) -> bool:
-    return _is_int(value) and value >= 0
+    return _is_int(value) and 0 <= value < MAX_SIZES["vocab_size"]
+
+
+def _check_rope(where: str, rope: "RopeConfig") -> None:
+    """Every RoPE value the rotary tables compute with: finite, and in the range the formulas need."""
+    if rope.rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{where}.rope_type: unknown rope type {brief(rope.rope_type)} "
+                          f"(supported: {', '.join(ROPE_TYPES)})")
+    _check_float(f"{where}.rope_theta", rope.theta)
+    if not rope.theta > (1 if rope.rope_type == "yarn" else 0):  # YaRN divides by log(theta)
+        raise ConfigError(f"{where}.rope_theta: must be > {1 if rope.rope_type == 'yarn' else 0} for "
+                          f"{rope.rope_type} RoPE, got {rope.theta!r}")
+    if rope.rope_type != "yarn":
+        return
+    _check_float(f"{where}.factor", rope.factor)
+    if not rope.factor >= 1:
+        raise ConfigError(f"{where}.factor: YaRN needs a factor >= 1, got {rope.factor!r}")
+    _check_int(f"{where}.original_max_position_embeddings", rope.original_max_position_embeddings, minimum=1)
+    for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+        value = getattr(rope, key)
+        if value is not None or key.startswith("beta"):
+            _check_float(f"{where}.{key}", value)
+            if key in ("beta_fast", "beta_slow", "attention_factor") and not value > 0:
+                raise ConfigError(f"{where}.{key}: must be > 0, got {value!r}")
+    if not isinstance(rope.truncate, bool):
+        raise ConfigError(f"{where}.truncate: must be true or false, got {brief(rope.truncate)}")
 
 
 def _check_float(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        raise ConfigError(f"{name}: must be a finite number, got {brief(value)}")
 
 
 def _parse_rope(d: dict, model_type: str, max_pos: int) -> dict[str, RopeConfig]:
@@ -366,22 +402,33 @@ def _parse_rope(d: dict, model_type: str, max_pos: int) -> dict[str, RopeConfig]
 
 
 def _rope_entry(where: str, p: dict, max_pos: int) -> RopeConfig:
+    """One RoPE entry, checked (`_check_rope`) before anything is computed from it."""
     rope_type = p.get("rope_type", p.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"{where}.rope_type: unknown rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{where}.rope_type: unknown rope type {brief(rope_type)} "
+                          f"(supported: {', '.join(ROPE_TYPES)})")
     theta = p.get("rope_theta", 500000.0)
     _check_float(f"{where}.rope_theta", theta)
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
-    orig = p.get("original_max_position_embeddings") or max_pos
+        rope = RopeConfig(theta=float(theta))
+        _check_rope(where, rope)
+        return rope
+    orig = p.get("original_max_position_embeddings")
+    if orig is None or (isinstance(orig, int) and not isinstance(orig, bool) and orig == 0):
+        orig = max_pos  # not stated: transformers falls back to max_position_embeddings
+    _check_int(f"{where}.original_max_position_embeddings", orig, minimum=1)
     factor = p.get("factor")
     if factor is None:
         factor = max_pos / orig
-    for key, value in (("factor", factor), ("original_max_position_embeddings", orig)):
-        _check_float(f"{where}.{key}", value)
+    _check_float(f"{where}.factor", factor)
     extra = {k: p[k] for k in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
              if p.get(k) is not None}
     for key, value in extra.items():
         _check_float(f"{where}.{key}", value)
-    return RopeConfig(rope_type="yarn", theta=float(theta), factor=float(factor),
-                      original_max_position_embeddings=int(orig), truncate=bool(p.get("truncate", True)), **extra)
+    truncate = p.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"{where}.truncate: must be true or false, got {brief(truncate)}")
+    rope = RopeConfig(rope_type="yarn", theta=float(theta), factor=float(factor),
+                      original_max_position_embeddings=orig, truncate=truncate, **extra)
+    _check_rope(where, rope)
+    return rope

@@ -9,6 +9,12 @@ class OlmoLabError(Exception):
     """Base class of every olmo-lab error."""
 
 
+def brief(value, limit: int = 100) -> str:
+    """repr() of a bad value for a message, cut to a readable length (an input may be a megabyte-long string)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 20] + f"... ({len(text)} characters)"
+
+
 class ConfigError(OlmoLabError, ValueError):
     """A config.json is missing, malformed, or describes an impossible model."""
 

@@ -11,13 +11,17 @@ Modes (see `olmo_lab.moe`):
   never had it. A top-k larger than the number of enabled experts uses all enabled ones.
 - "drop": routing is unchanged; the expert's weighted output is zeroed, weights not renormalised.
 Every call checks everything before changing anything: an unknown name, an index out of range, an
-unknown mode or a toggle that would leave a layer with no expert raises `ExpertError` and leaves the
-toggles exactly as they were.
+unknown mode, a toggle that would leave a layer with no expert, or a snapshot that does not fit this
+model raises `ExpertError` and leaves the toggles (and the key that guards KV caches) exactly as they
+were. `experts_off` blocks may nest, and even be exited in another order than entered: each exit
+undoes exactly the change its own block made.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import ExpertError
@@ -50,7 +54,7 @@ class ExpertToggles:
 
     def enabled(self, layer: int = 0) -> list[str]:
         """Names of the experts fully on in a layer."""
-        m = self.layers[layer]
+        m = self.layers[self._resolve_layers([layer])[0]]
         return [n for e, n in enumerate(self.names) if e not in m.opted_out and e not in m.dropped]
 
     def summary(self) -> str:
@@ -100,10 +104,33 @@ class ExpertToggles:
         return self.enable("all")
 
     def snapshot(self) -> dict[int, tuple[frozenset, frozenset]]:
+        """{layer: (opted-out experts, dropped experts)}, for `restore`."""
         return {li: (m.opted_out, m.dropped) for li, m in enumerate(self.layers)}
 
     def restore(self, snap: dict[int, tuple[frozenset, frozenset]]) -> None:
+        """Set every layer's toggles from a snapshot: all of them, or (ExpertError) none."""
+        self._check_snapshot(snap)
         self._apply(snap)
+
+    def _check_snapshot(self, snap) -> None:
+        n, names = len(self.layers), self.names
+        if not isinstance(snap, dict) or set(snap) != set(range(n)):
+            keys = sorted(snap, key=repr) if isinstance(snap, dict) else type(snap).__name__
+            raise ExpertError(f"snapshot: expected one entry per layer 0..{n - 1} of this model (is it another "
+                              f"model's?), got {keys!r:.100}")
+        for li in range(n):
+            entry = snap[li]
+            if not (isinstance(entry, tuple) and len(entry) == 2 and all(isinstance(x, (set, frozenset)) for x in entry)
+                    and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < len(names)
+                            for x in entry for e in x)):
+                raise ExpertError(f"snapshot: layer {li}: expected (opted-out, dropped) sets of expert indices "
+                                  f"0..{len(names) - 1}, got {entry!r:.100}")
+            if entry[0] & entry[1]:
+                raise ExpertError(f"snapshot: layer {li}: experts {sorted(entry[0] & entry[1])} are both opted "
+                                  f"out and dropped")
+            if len(entry[0] | entry[1]) >= len(names):
+                raise ExpertError(f"snapshot: layer {li}: it switches every expert off (at least one of {names} "
+                                  f"must stay on)")
 
     # ------------------------------------------------------------------ helpers
     def resolve(self, experts) -> list[int]:
@@ -132,16 +159,82 @@ class ExpertToggles:
         self._model.toggles_changed()
 
 
+@dataclass
+class _Block:
+    """One active `experts_off` block: the toggles on entry and right after its own change."""
+
+    before: dict
+    after: dict
+
+    def changed(self) -> set[tuple[int, int]]:
+        return {(li, e) for li in self.before for e in _experts_in(self.before, self.after, li)
+                if _status(self.before, li, e) != _status(self.after, li, e)}
+
+
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its active blocks, oldest first
+
+
 @contextmanager
 def experts_off(model, experts, layers: Iterable[int] | None = None, mode: str = "opt_out"):
-    """Switch experts off inside a `with` block; the previous toggles come back on exit."""
+    """Switch experts off inside a `with` block; the previous toggles come back on exit.
+
+    Blocks nest. Exited in the order entered (the usual case) the toggles on entry come back exactly;
+    exited out of order, a block undoes only its own change, and blocks still open keep theirs.
+    """
     toggles = model.experts
-    snap = toggles.snapshot()
+    before = toggles.snapshot()
     toggles.disable(experts, layers=layers, mode=mode)
+    block = _Block(before, toggles.snapshot())
+    active = _ACTIVE.setdefault(model, [])
+    active.append(block)
     try:
         yield model
     finally:
-        toggles.restore(snap)
+        _leave(toggles, active, block)
+
+
+def _leave(toggles: ExpertToggles, active: list, block: _Block) -> None:
+    index = next(i for i, b in enumerate(active) if b is block)
+    later = active[index + 1:]
+    del active[index]
+    if not later:  # the innermost block: back to the toggles on entry
+        toggles.restore(block.before)
+        return
+    mine = block.changed()
+    theirs = set().union(*(b.changed() for b in later))
+    for b in later:  # their snapshots were taken with this block's change in effect: take it out
+        own = b.changed()
+        for li, e in mine:
+            if _status(b.before, li, e) != _status(block.after, li, e):
+                continue  # changed again in between: not this block's to take back
+            old = _status(block.before, li, e)
+            b.before = _with_status(b.before, li, e, old)
+            if (li, e) not in own:
+                b.after = _with_status(b.after, li, e, old)
+    now = toggles.snapshot()
+    for li, e in mine - theirs:  # undo this block's change where no later block changed the same expert
+        if _status(now, li, e) == _status(block.after, li, e):
+            now = _with_status(now, li, e, _status(block.before, li, e))
+    toggles.restore(now)  # only switches experts back on: every layer keeps an enabled expert
+
+
+def _experts_in(a: dict, b: dict, li: int) -> set[int]:
+    return set().union(*a[li], *b[li])
+
+
+def _status(snap: dict, li: int, e: int) -> str:
+    opted, dropped = snap[li]
+    return OPTED_OUT if e in opted else DROPPED if e in dropped else ON
+
+
+def _with_status(snap: dict, li: int, e: int, status: str) -> dict:
+    opted, dropped = snap[li]
+    opted, dropped = opted - {e}, dropped - {e}
+    if status == OPTED_OUT:
+        opted |= {e}
+    elif status == DROPPED:
+        dropped |= {e}
+    return {**snap, li: (frozenset(opted), frozenset(dropped))}
 
 
 def resolve_experts(names: list[str], experts) -> list[int]:
@@ -156,7 +249,9 @@ def resolve_experts(names: list[str], experts) -> list[int]:
             raise ExpertError(f"expert {x!r}: expected a name (str) or an index (int)")
         if isinstance(x, str):
             if x not in names:
-                raise ExpertError(f"unknown expert name {x!r}; this model's experts are {names}")
+                near = [n for n in names if n.lower() == x.lower()]
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ExpertError(f"unknown expert name {x!r:.80}; {hint}this model's experts are {names}")
             out.add(names.index(x))
         elif not 0 <= x < len(names):
             raise ExpertError(f"expert index {x} is out of range: this model has {len(names)} experts "

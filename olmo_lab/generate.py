@@ -12,11 +12,12 @@ interventions change while a stream is being consumed, the cache is stale: the p
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
 
-from .errors import GenerationError, TokenizerError
+from .errors import GenerationError, TokenizerError, brief
 
 
 def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -31,9 +32,9 @@ def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperat
     `eos_token_id`) or a `stop` string; the text is cut before the stop string.
     """
     ids, mask, as_text, single = _encode(model, tokenizer, prompt_or_ids)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    stops = _stops(stop)
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, tokenizer, stream)
-    eos = _eos_ids(model, tokenizer, eos_token_id)
+    eos = _eos_ids(model, tokenizer, _check_eos(eos_token_id))
     sampler = Sampler(temperature, top_k, top_p, seed, _vocab_limit(model, tokenizer))
     steps = decode(model, ids, mask, max_new_tokens, sampler, eos, _stop_check(tokenizer, stops))
     if stream:
@@ -69,7 +70,14 @@ class Sampler:
             logits = logits[:, :self.vocab_limit]
         if self.temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits.float() / self.temperature
+        if not bool(torch.isfinite(logits).all()):
+            raise GenerationError("the model produced NaN or Inf logits; sampling needs finite ones (check the "
+                                  "weights and dtype)")
+        scaled = logits.float() / self.temperature
+        if not bool(torch.isfinite(scaled).all()):  # a tiny temperature overflowed: the same softmax, shifted to
+            top = logits.double().amax(dim=-1, keepdim=True)  # <= 0 and in float64, where any temperature > 0 is
+            scaled = (logits.double() - top) / self.temperature  # nonzero: the top logit stays 0, not NaN
+        logits = scaled
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -137,28 +145,41 @@ def _encode(model, tokenizer, prompt):
         if any(t == "" for t in texts):
             raise GenerationError("prompt is empty: there is no token to continue from")
         seqs = [tokenizer.encode(t) for t in texts]
+        for text, seq in zip(texts, seqs):
+            if not seq:
+                raise GenerationError(f"prompt {brief(text)} tokenizes to no tokens: there is no token to continue from")
         ids, mask = _pad(seqs, _pad_id(model, tokenizer))
         return ids, mask, True, isinstance(prompt, str)
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() == 1:
             prompt = prompt[None]
-        if prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
+        if prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32) or prompt.is_meta:
             raise GenerationError(f"prompt ids: expected an integer tensor (batch, seq_len), got {prompt.dtype} "
-                                  f"of shape {tuple(prompt.shape)}")
+                                  f"of shape {tuple(prompt.shape)}" + (" on the meta device" if prompt.is_meta else ""))
+        if prompt.shape[0] == 0:
+            raise GenerationError("prompt ids: the batch is empty (batch size 0)")
         if prompt.shape[1] == 0:
             raise GenerationError("prompt is empty: there is no token to continue from")
         return prompt.long(), None, False, False
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return torch.tensor([list(prompt)]), None, False, True
+        return torch.tensor([_in_vocab(model, prompt)]), None, False, True
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(s, (list, tuple)) for s in prompt):
         if not all(s and all(isinstance(t, int) and not isinstance(t, bool) for t in s) for s in prompt):
             raise GenerationError("prompt ids: every sequence must be a non-empty list of ints")
-        ids, mask = _pad([list(s) for s in prompt], _pad_id(model, tokenizer))
+        ids, mask = _pad([_in_vocab(model, s) for s in prompt], _pad_id(model, tokenizer))
         return ids, mask, False, False
     if isinstance(prompt, (list, tuple, str)) and not prompt:
         raise GenerationError("prompt is empty: there is no token to continue from")
     raise GenerationError(f"prompt: expected text, a list of texts, token ids or a (batch, seq_len) tensor, got "
                           f"{type(prompt).__name__}")
+
+
+def _in_vocab(model, ids) -> list[int]:
+    """A list of token ids, checked before it becomes a tensor (an id beyond int64 cannot)."""
+    bad = next((t for t in ids if not 0 <= t < model.config.vocab_size), None)
+    if bad is not None:
+        raise GenerationError(f"prompt ids: token ids must lie in [0, {model.config.vocab_size}), got {brief(bad)}")
+    return list(ids)
 
 
 def _pad(seqs: list[list[int]], pad_id: int):
@@ -199,6 +220,24 @@ def _eos_ids(model, tokenizer, eos_token_id) -> set:
     return out
 
 
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise GenerationError(f"stop: expected a string or a list of strings, got {brief(stop)}")
+    return list(stop)
+
+
+def _check_eos(eos_token_id):
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple, set, frozenset)) else [eos_token_id]
+    if eos_token_id is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise GenerationError(f"eos_token_id: expected a token id (an int >= 0) or a list of them, got "
+                              f"{brief(eos_token_id)}")
+    return eos_token_id
+
+
 def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, tokenizer, stream):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens: must be a non-negative integer, got {max_new_tokens!r}")
@@ -211,8 +250,8 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, sto
     if ids.shape[1] + max_new_tokens > limit:
         raise GenerationError(f"max_new_tokens: {ids.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed "
                               f"the model's context of {limit} positions")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise GenerationError(f"temperature: must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise GenerationError(f"temperature: must be >= 0 (0 = greedy) and finite, got {brief(temperature)}")
     if temperature == 0 and (top_k is not None or top_p is not None):
         raise GenerationError("top_k/top_p: sampling filters need temperature > 0 (temperature 0 is greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -220,7 +259,9 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, sto
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise GenerationError(f"top_p: must be in (0, 1], got {top_p!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise GenerationError(f"seed: must be an integer, got {seed!r}")
+        raise GenerationError(f"seed: must be an integer, got {brief(seed)}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise GenerationError(f"seed: must lie in [0, 2**64) (a 64-bit seed), got {brief(seed)}")
     if stops and (tokenizer is None or not all(isinstance(s, str) and s for s in stops)):
         raise GenerationError("stop: stop strings must be non-empty strings and need a tokenizer")
     if stream and ids.shape[0] != 1:

@@ -102,7 +102,7 @@ class OlmoModel(nn.Module):
         """
         if cache is None and use_cache:
             cache = self.new_cache()
-        past = self._check_inputs(input_ids, attention_mask, position_ids, cache)
+        past = self._check_inputs(input_ids, attention_mask, position_ids, cache, logits_to_keep)
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, S)
@@ -134,21 +134,35 @@ class OlmoModel(nn.Module):
             hooks.end(ok=True)
         return ModelOutput(logits, cache)
 
-    def _check_inputs(self, input_ids, attention_mask, position_ids, cache) -> int:
+    def _check_inputs(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0) -> int:
+        """Every forward argument's type, shape, device and range, before any work; returns the cached length."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
                 torch.int64, torch.int32):
             raise InputError("input_ids: expected an integer tensor of shape (batch, seq_len), got "
                              + (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
                                 if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
         B, S = input_ids.shape
+        if B == 0:
+            raise InputError("input_ids: the batch is empty (batch size 0)")
         if S == 0:
             raise InputError("input_ids: the sequence is empty")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if isinstance(t, torch.Tensor) and t.device != self.device:
+                raise InputError(f"{name}: is on {t.device}, but the model is on {self.device}"
+                                 + (" (a meta tensor has no values)" if t.is_meta else ""))
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
             raise InputError(f"input_ids: token ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise InputError(f"logits_to_keep: expected an integer >= 0 (0 = every position), got "
+                             f"{logits_to_keep!r:.80}")
         past = 0
         if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise InputError(f"cache: expected a KVCache from model.new_cache(), got {type(cache).__name__}")
             cache.check(id(self), self.cache_key)
+            if cache.batch_size not in (None, B):
+                raise InputError(f"cache: it holds a batch of {cache.batch_size} sequences, but input_ids has {B}")
             past = cache.length
         if past + S > self.config.max_position_embeddings:
             raise InputError(f"input_ids: {past + S} positions exceed the model's context of "
@@ -194,7 +208,7 @@ class OlmoModel(nn.Module):
     def set_attention_backend(self, backend: str) -> "OlmoModel":
         """"sdpa" (fused, fast) or "eager" (explicit softmax). Both give the same logits up to rounding."""
         if backend not in ("sdpa", "eager"):
-            raise ValueError(f"backend: expected 'sdpa' or 'eager', got {backend!r}")
+            raise InputError(f"backend: expected 'sdpa' or 'eager', got {backend!r:.80}")
         for block in self.model.layers:
             block.self_attn.backend = backend
         return self

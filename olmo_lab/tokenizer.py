@@ -20,17 +20,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
 import tokenizers
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import hub
+from .chat_template import chat_environment, render_chat_template
 from .errors import TokenizerError
+from .json_file import read_json
 
 # The files a hub snapshot needs for a tokenizer; everything else (weights) is left on the hub.
 TOKENIZER_FILES = [
@@ -110,10 +108,13 @@ class Tokenizer:
         `add_special_tokens=False` (the default) returns exactly the ids of the text; special-token
         strings written in the text, like `<|im_start|>`, still become their single ids.
         """
-        if isinstance(text, str):
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        texts = _check_texts(text, "encode")
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        texts = [_unicode(text, "encode")] if isinstance(text, str) else _check_texts(text, "encode")
+        try:
+            if isinstance(text, str):
+                return self.backend.encode(texts[0], add_special_tokens=add_special_tokens).ids
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except Exception as err:  # noqa: BLE001 -- the Rust side raises a bare Exception (e.g. no unknown token)
+            raise TokenizerError(f"{self.source}: cannot encode the text ({_first_line(err)})") from None
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """The text of a sequence of ids (a list or a 1-D tensor).
@@ -220,6 +221,7 @@ class Tokenizer:
     def apply_chat_template(
         self,
         messages: Sequence[Mapping],
+        /,
         add_generation_prompt: bool = False,
         tokenize: bool = False,
         **variables,
@@ -228,9 +230,10 @@ class Tokenizer:
 
         `messages` is a list of `{"role": ..., "content": ...}` dicts. The template sees `messages`,
         `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token` and any extra `variables`
-        (e.g. `tools=[...]`), and may call `raise_exception(msg)`. It runs in Jinja's immutable
-        sandbox with the same settings as transformers, so the text matches what the model was
-        trained on while the template cannot reach Python internals.
+        (e.g. `tools=[...]`; they may not reuse those names or the environment's globals), and may call
+        `raise_exception(msg)`. It runs in a bounded Jinja sandbox (`olmo_lab.chat_template`) with the
+        same settings as transformers, so the text matches what the model was trained on while the
+        template cannot reach Python internals, run unboundedly or build huge strings.
         """
         if self.chat_template is None:
             raise TokenizerError(f"{self.source}: this tokenizer has no chat template "
@@ -242,24 +245,13 @@ class Tokenizer:
                 raise TokenizerError(f"messages[{position}]: expected a dict with 'role' and 'content', "
                                      f"got {type(message).__name__}")
 
-        try:
-            template = _chat_environment().from_string(self.chat_template)
-            text = template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                pad_token=self.pad_token or "",
-                **variables,
-            )
-        except jinja2.exceptions.SecurityError as err:
-            raise TokenizerError(f"{self.source}: the chat template tried an unsafe operation "
-                                 f"and was stopped by the sandbox: {err}") from None
-        except jinja2.exceptions.TemplateSyntaxError as err:
-            raise TokenizerError(f"{self.source}: the chat template is not valid Jinja "
-                                 f"(line {err.lineno}): {err.message}") from None
-        except jinja2.exceptions.TemplateError as err:  # raise_exception(...) and undefined names land here
-            raise TokenizerError(f"{self.source}: the chat template failed: {err}") from None
+        given = dict(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", pad_token=self.pad_token or "")
+        taken = sorted(set(variables) & (set(given) | set(chat_environment().globals)))
+        if taken:
+            raise TokenizerError(f"apply_chat_template: variable(s) {', '.join(map(repr, taken))} would hide the "
+                                 f"name(s) the template is given; rename them")
+        text = render_chat_template(self.chat_template, self.source, **given, **variables)
         return self.encode(text) if tokenize else text
 
 
@@ -270,26 +262,18 @@ def _check_texts(texts: object, where: str) -> list[str]:
     for position, text in enumerate(texts):
         if not isinstance(text, str):
             raise TokenizerError(f"{where}: item {position} is {type(text).__name__}, expected str")
+        _unicode(text, f"{where}: item {position}")
     return list(texts)
 
 
-def _chat_environment() -> ImmutableSandboxedEnvironment:
-    """A sandboxed Jinja environment set up like transformers' one for chat templates.
-
-    `trim_blocks`/`lstrip_blocks` and the `tojson` without HTML escaping matter for byte-identical
-    output; `raise_exception` and `strftime_now` are the helpers released templates call.
-    """
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+def _unicode(text: str, where: str) -> str:
+    """`text`, if it is valid Unicode (a lone surrogate such as '\\ud800' cannot be encoded as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{where}: the text has a lone surrogate {text[e.start]!r} at position {e.start}, "
+                             f"which is not valid Unicode") from None
+    return text
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -304,6 +288,9 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
     the tokenizer files are fetched, at `revision`, or read from the local hub cache when
     `HF_HUB_OFFLINE` is set.
     """
+    if not isinstance(path_or_repo_id, (str, os.PathLike)) or "\0" in str(path_or_repo_id):
+        raise TokenizerError(f"tokenizer: expected a file, a directory or a hub repo id (a str or path), got "
+                             f"{path_or_repo_id!r:.100}")
     path = Path(path_or_repo_id).expanduser()
     if revision is not None and path.exists():
         raise TokenizerError(f"revision: {revision!r} names a version of a hub repo, but {path} is a local path, "
@@ -346,7 +333,8 @@ def _load_files(tokenizer_json: Path, directory: Path | None) -> Tokenizer:
         chat_template = _chat_template(config, directory / "chat_template.jinja")
 
     max_length = config.get("model_max_length")
-    model_max_length = int(max_length) if isinstance(max_length, (int, float)) and max_length < _NO_MAX_LENGTH else None
+    model_max_length = int(max_length) if isinstance(max_length, (int, float)) and 0 < max_length < _NO_MAX_LENGTH \
+        else None
     # Tokens the configs do not mention (a bare tokenizer.json) fall back to the dolma2 / GPT-style
     # names when the vocabulary has them; an explicit null means "none".
     eos_default = "<|endoftext|>" if backend.token_to_id("<|endoftext|>") is not None else None
@@ -377,10 +365,7 @@ def _read_json(path: Path) -> dict:
     """The JSON object in `path`, or {} when the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, str(path), TokenizerError)
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -397,11 +382,8 @@ def _token_content(value: object, role: str, directory: Path | None) -> str | No
 
 def _ids(value: object) -> list[int]:
     """generation_config.json's `eos_token_id`, which may be one id or a list of ids."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63]
 
 
 def _first_line(err: BaseException) -> str:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 import matplotlib.pyplot as plt
 import torch
 
-from .errors import InputError, OlmoLabError
-from .experts import experts_off
+from .errors import ExpertError, InputError, OlmoLabError
+from .experts import experts_off, resolve_experts
 from .generate import generate
 from .plots import attention_heatmap, kl_divergence, next_token_comparison, routing_heatmap
 from .trace import trace
@@ -50,9 +50,13 @@ class SwitchboardState:
         self._baseline_for = None  # (prompt, max_new_tokens) the cached baseline belongs to
 
     def set_expert(self, name: str, on: bool) -> None:
-        if name not in self.on:
-            raise KeyError(f"unknown expert {name!r}; experts are {self.names}")
-        self.on[name] = bool(on)
+        """Tick or untick one expert (by its exact name); ExpertError for an unknown one."""
+        if not isinstance(name, str) or name not in self.on:
+            resolve_experts(self.names, name)  # raises ExpertError naming the problem (a wrong case included)
+            raise ExpertError(f"expert {name!r:.80}: the switchboard takes names, one of {self.names}")
+        if not isinstance(on, bool):
+            raise InputError(f"on: expected True or False, got {on!r:.80}")
+        self.on[name] = on
 
     @property
     def off(self) -> list[str]:
@@ -61,18 +65,18 @@ class SwitchboardState:
     @torch.inference_mode()
     def update(self) -> SwitchboardView:
         """Recompute the view; bad input (empty prompt, every expert off) gives a message instead."""
-        if not self.prompt.strip():
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
             self.view = SwitchboardView(message="Enter a prompt first.")
             return self.view
         if not any(self.on.values()):
             self.view = SwitchboardView(message="At least one expert must stay on: tick one to continue.")
             return self.view
-        ids = torch.tensor([self.tokenizer.encode(self.prompt)])
-        if self._baseline_for != (self.prompt, self.max_new_tokens):
-            self._baseline = (self._continue(ids), self._next_token(ids))
-            self._baseline_for = (self.prompt, self.max_new_tokens)
-        baseline, before = self._baseline
-        try:
+        try:  # every problem with the input (too long for the context, ...) is shown, never raised
+            ids = _prompt_ids(self.tokenizer, self.prompt)
+            if self._baseline_for != (self.prompt, self.max_new_tokens):
+                self._baseline = (self._continue(ids), self._next_token(ids))
+                self._baseline_for = (self.prompt, self.max_new_tokens)
+            baseline, before = self._baseline
             with experts_off(self.model, self.off, mode=self.mode) if self.off else nullcontext():
                 with trace(self.model, attention=False, routing=True, tokenizer=self.tokenizer) as tr:
                     toggled = self._continue(ids)
@@ -198,11 +202,15 @@ class AttentionExplorerState:
 
     def __init__(self, model, tokenizer, prompt: str):
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt: the attention explorer needs a non-empty prompt")
+            raise InputError("prompt: the attention explorer needs a non-empty prompt")
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        ids = _prompt_ids(tokenizer, prompt)
+        if ids.shape[1] > model.config.max_position_embeddings:
+            raise InputError(f"prompt: {ids.shape[1]} tokens is longer than the model's context of "
+                             f"{model.config.max_position_embeddings}")
         with trace(model, attention=True, routing=False, tokenizer=tokenizer) as tr:
             with torch.inference_mode():
-                model(torch.tensor([tokenizer.encode(prompt)]))
+                model(ids)
         self.trace = tr
         self.tokens = tr.tokens
         self.layer, self.head, self.query = 0, 0, len(self.tokens) - 1
@@ -211,9 +219,10 @@ class AttentionExplorerState:
         cfg = self.model.config
         for name, value, limit in (("layer", layer, cfg.num_hidden_layers), ("head", head, cfg.num_attention_heads),
                                    ("query", query, len(self.tokens))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit):
+                raise InputError(f"{name}: {value!r:.80} is not an index in range (0..{limit - 1})")
+        for name, value in (("layer", layer), ("head", head), ("query", query)):  # all checked: now set
             if value is not None:
-                if not 0 <= value < limit:
-                    raise ValueError(f"{name}: {value} is out of range (0..{limit - 1})")
                 setattr(self, name, value)
 
     def figure(self):
@@ -346,6 +355,12 @@ class PatchingExplorer(_WidgetView):
         """Apply the selectors, redraw, and print (return) the text summary."""
         self.state.select(self.site.value, self.layer.value)
         return self._show(self.state.summary(), lambda: [self.state.figure()])
+def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """(1, S) token ids of a prompt; InputError if it tokenizes to nothing."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise InputError(f"prompt: {prompt!r:.80} tokenizes to no tokens")
+    return torch.tensor([ids])
 
 
 def _in_kernel() -> bool:

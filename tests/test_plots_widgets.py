@@ -6,6 +6,7 @@ import torch
 
 import olmo_lab
 from olmo_lab import plots
+from olmo_lab.errors import ExpertError, InputError
 from olmo_lab.lens import expert_usage
 from olmo_lab.trace import trace
 from olmo_lab.errors import InputError
@@ -109,7 +110,7 @@ def test_switchboard_state_transitions(flex):
     assert model.experts.summary() == "public: on\nmath: on\ncode: on"  # the model is left untouched
     text = state.summary()
     assert text.splitlines()[0] == "experts off (opt_out): public, math" and "KL" in text
-    with pytest.raises(KeyError):
+    with pytest.raises(ExpertError, match="unknown expert name 'physics'"):
         state.set_expert("physics", False)
 
 
@@ -139,9 +140,9 @@ def test_attention_explorer(olmo3, capsys):
     fig, text = state.figure(), state.summary()
     assert "sliding window 4" in fig.axes[0].get_title()
     assert "query 10 'd' sees keys 7..10" in text
-    with pytest.raises(ValueError, match="head: 9 is out of range"):
+    with pytest.raises(InputError, match=r"head: 9 is not an index in range \(0..3\)"):
         state.select(head=9)
-    with pytest.raises(ValueError, match="non-empty prompt"):
+    with pytest.raises(InputError, match="non-empty prompt"):
         AttentionExplorerState(model, tok, "")
     ex = AttentionExplorer(model, tok, "hello world")
     ex.layer.value = 3
