@@ -388,7 +388,7 @@ def cold_start_section(r: dict | None) -> list[str]:
     if not r:
         return []
     lines = ["## Cold start (issue 20)", "",
-             f"Fresh processes, fastest of {r['repeats']} (measured {r['date']}, same machine as above); the "
+             f"Fresh processes, fastest of {r['repeats']} (measured {r['date']}; machine load below); the "
              f"three kinds of run take turns.", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
               for k, v in r.items() if k not in ("date", "repeats")]
