@@ -223,7 +223,7 @@ def test_interrupted_job_resumes_from_its_shards(setup, tmp_path):
     finally:
         handle.remove()
     assert model.experts.snapshot() == before  # toggles restored, no trace left on
-    assert all(b.mlp.routing_hook is None for b in model.model.layers)
+    assert not model.hooks.active and all(b.mlp._hooks is None for b in model.model.layers)
     written = sorted(p.name for p in (tmp_path / "shards").iterdir())
     assert written and not (tmp_path / "report.json").exists()  # no result from a half-done job
     (tmp_path / "shards" / "shard-000099.tmp").write_bytes(b"half")  # a shard cut off while being written
@@ -333,7 +333,7 @@ def test_settings_that_cannot_fit(setup, tmp_path):
         corpus.analyze(model, tok, corpus.Corpus.from_files(tmp_path / "x.jsonl", domains=["a", "a"]), out_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]  # nothing written for a job that cannot start
     assert model.experts.snapshot() == before and not model._forward_pre_hooks
-    assert all(b.mlp.routing_hook is None and b.self_attn.weights_hook is None for b in model.model.layers)
+    assert not model.hooks.active and all(b.mlp._hooks is None and b.self_attn._hooks is None for b in model.model.layers)
 
 
 def test_plots_and_text_summaries(setup):

@@ -352,7 +352,7 @@ def test_attribution_patching_gradients_agree_with_finite_differences():
     def nudged(sign):
         step = torch.nn.functional.pad(delta * eps * sign, (0, 0, 5, 8 - 6))
         return _metric(run_with(model, corrupt, {name: lambda v, ctx: v + step}).logits)
-    finite = float((nudged(1) - nudged(-1)) / (2 * eps))
+    finite = float((nudged(1) - nudged(-1)).detach() / (2 * eps))
     assert abs(finite - float(attr.scores[2, 5] - attr.corrupt)) <= 1e-3 * max(1.0, abs(finite))
     act = patch(model, clean, corrupt, _metric, progress=False)
     corr = torch.corrcoef(torch.stack([attr.scores.flatten(), act.scores.flatten()]))[0, 1]
