@@ -153,6 +153,11 @@ def write(results: dict, out: str) -> None:
               f"({r['ray s, starting the cluster']:.1f} s) | (none) | |",
               f"| peak RSS, {small} / {large} of the corpus | {a:.0f} / {b:.0f} MiB ({b / a:.2f}x) | flat | "
               f"{'yes' if b / a <= 1.1 else 'no'} |", "",
+              *([f"**The machine was oversubscribed** (load average {results['load average']:.1f} on "
+                 f"{results['cpus']} CPUs, shared with other jobs): these timings are dominated by that load, not "
+                 "by the code (an analysis cannot really be faster than the plain forward it contains); rerun on "
+                 "an idle machine for figures to judge. The memory figure does not depend on it.", ""]
+                if results["load average"] > results["cpus"] else []),
               "Ray overhead is per job (actor start: a Python process importing torch and receiving the model) and "
               "per shard (sending the batches, returning the counts); it shrinks relative to the work as shards "
               "grow. No GPU run has been made, so there is no measured per-GPU throughput and no estimate of "
