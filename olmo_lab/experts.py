@@ -138,17 +138,7 @@ class ExpertToggles:
         return resolve_experts(self.names, experts)
 
     def _resolve_layers(self, layers) -> list[int]:
-        n = len(self.layers)
-        if layers is None:
-            return list(range(n))
-        if isinstance(layers, int):
-            layers = [layers]
-        out = []
-        for li in layers:
-            if isinstance(li, bool) or not isinstance(li, int) or not -n <= li < n:
-                raise ExpertError(f"layer {li!r} is out of range: this model has {n} layers")
-            out.append(li % n)
-        return sorted(set(out))
+        return resolve_layers(len(self.layers), layers, ExpertError)
 
     def _describe(self, idx) -> str:
         return ", ".join(repr(self.names[e]) for e in idx)
@@ -261,3 +251,18 @@ def resolve_experts(names: list[str], experts) -> list[int]:
     if not out:
         raise ExpertError("experts: the list of experts is empty")
     return sorted(out)
+
+
+def resolve_layers(n: int, layers, error=ExpertError, what: str = "layer") -> list[int]:
+    """None (every layer), an index or a list of them (negative ones from the end) -> sorted unique indices;
+    `error` naming anything that is not an int in -n..n-1."""
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for li in layers:
+        if isinstance(li, bool) or not isinstance(li, int) or not -n <= li < n:
+            raise error(f"{what} {li!r} is out of range: this model has {n} layers (0..{n - 1})")
+        out.append(li % n)
+    return sorted(set(out))

@@ -34,6 +34,7 @@ import torch
 
 from .attention import attention_probabilities, visible
 from .errors import HookError, InputError
+from .experts import resolve_layers
 
 QUERY_CHUNK = 256  # patterns are computed in aligned blocks of queries: a slice equals the full pattern's
 # The block tensors `tr.block(layer, name)` reads (residual=True), and their hook points.
@@ -323,20 +324,6 @@ class Patterns(Mapping):
         return len(self.layers)
 
 
-def _check_layers(model, layers) -> list[int]:
-    n = len(model.model.layers)
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-            raise InputError(f"trace: layer {layer!r} is out of range: this model has {n} layers (0..{n - 1})")
-        out.append(layer % n)
-    return sorted(set(out))
-
-
 @contextmanager
 def trace(model, attention: bool = True, routing: bool = True, residual: bool = False, layers=None,
           tokenizer=None, hooks=()):
@@ -347,8 +334,8 @@ def trace(model, attention: bool = True, routing: bool = True, residual: bool = 
     `olmo_lab.lens` needs for logit attribution; `hooks=[names]` records exactly those points (read them
     with `tr[name]`).
     """
-    tr = Trace(model, tokenizer, _check_layers(model, layers), attention, routing, residual,
-               [hooks] if isinstance(hooks, str) else list(hooks))
+    chosen = resolve_layers(len(model.model.layers), layers, InputError, "trace: layer")
+    tr = Trace(model, tokenizer, chosen, attention, routing, residual, [hooks] if isinstance(hooks, str) else list(hooks))
     for name in tr._reads:
         model.hooks.info(name)  # every name checked before anything is attached
     handles = []
