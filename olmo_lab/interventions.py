@@ -235,8 +235,8 @@ class BiasRouter(Intervention):
         names = model.config.expert_names
         if isinstance(self.bias, dict):
             vec = torch.zeros(len(names))
-            for e, b in zip(resolve_experts(names, list(self.bias)), [self.bias[k] for k in self.bias]):
-                vec[e] = b
+            for expert, b in self.bias.items():  # each key resolved on its own: resolve_experts sorts
+                vec[resolve_experts(names, expert)[0]] = b
         elif isinstance(self.bias, torch.Tensor) and self.bias.shape == (len(names),):
             vec = self.bias.float()
         else:

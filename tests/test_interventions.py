@@ -180,6 +180,10 @@ def test_ablations_scale_and_bias_act_only_where_asked():
             trace(model, attention=False) as rt:
         model(x)
     assert bool((rt.routing[2].topk_indices[:, 0] == 1).all()) and idle(model)
+    with intervene(model, {"model.layers.2.mlp.gate.hook_out": BiasRouter({"news": 100.0, "public": -100.0})}), \
+            trace(model, attention=False) as rt:  # keys in any order, each to its own expert
+        model(x)
+    assert bool((rt.routing[2].topk_indices[:, 0] == 3).all()) and 0 not in rt.routing[2].topk_indices
 
 
 def test_an_intervention_makes_an_outside_cache_stale_and_generate_recomputes():
