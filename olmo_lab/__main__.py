@@ -81,7 +81,7 @@ def run(args, out) -> None:
     from .session import Lab
 
     if args.command == "info":
-        from .summary import describe
+        from .checkpoints.summary import describe
         print(describe(args.path, args.revision), file=out)
         return
     texts = prompts(args.prompt, sys.stdin)
@@ -96,7 +96,7 @@ def run(args, out) -> None:
 
 def generate_text(lab, prompt: str, args, out) -> None:
     """The prompt and its continuation, whole or (--stream) piece by piece as the tokens come."""
-    from .experts import experts_off
+    from .modeling.experts import experts_off
 
     off = _experts(args.off)
     with experts_off(lab.model, off) if off else nullcontext():
@@ -111,7 +111,7 @@ def generate_text(lab, prompt: str, args, out) -> None:
 
 def inspect(lab, prompt: str, args) -> str:
     """`route` and `toggle`: the routing table, or the output with some experts off."""
-    from .experts import experts_off
+    from .modeling.experts import experts_off
 
     model, tok = lab.model, lab.tokenizer
     if not model.config.is_moe:
@@ -136,7 +136,7 @@ def inspect(lab, prompt: str, args) -> str:
         with experts_off(model, off, mode=args.mode):
             toggled = lab.generate(prompt, max_new_tokens=args.max_new_tokens)
             after = model(ids).logits[0, -1].float().softmax(-1)
-    from .plots import distribution_summary
+    from .analysis.plots import distribution_summary
     labels = tok.token_strings(list(range(min(len(tok), len(before)))))
     n = len(labels)
     return "\n".join([f"all experts      : {prompt + base!r}",

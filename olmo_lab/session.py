@@ -16,11 +16,11 @@ import os
 
 import torch
 
-from .checkpoint import load_model
-from .generate import generate
-from .lab import resolve
-from .tokenizer import load_tokenizer
-from .trace import trace
+from .checkpoints.checkpoint import load_model
+from .modeling.generate import generate
+from .recipe.lab import resolve
+from .checkpoints.tokenizer import load_tokenizer
+from .analysis.trace import trace
 
 
 class Lab:

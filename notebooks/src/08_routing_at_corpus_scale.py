@@ -132,7 +132,7 @@ print("same tables:", all(getattr(result, t).equals(getattr(again, t)) for t in 
 # Not run here (starting a cluster takes longer than this notebook): `engine="ray"` starts a local
 # cluster, or joins one with `address=`, and sends the same shards to one model actor per worker; the
 # counts equal the in-process ones exactly (`tests/test_corpus_ray.py`). The multi-node GPU recipe is
-# in `olmo_lab/corpus_ray.py` and the README.
+# in `olmo_lab/analysis/corpus_ray.py` and the README.
 
 # %%
 # NBVAL_SKIP

@@ -15,10 +15,10 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..attention import Attention, build_mask
-from ..config import OlmoConfig
-from ..norm import RMSNorm
-from ..rope import RotaryEmbedding, apply_rope
+from ..modeling.attention import Attention, build_mask
+from ..modeling.config import OlmoConfig
+from ..modeling.norm import RMSNorm
+from ..modeling.rope import RotaryEmbedding, apply_rope
 from .grading import Case, Mistake, Verdict, grade
 from .rope import yarn_config
 from .weights import lab_library_model, lab_weights, load_named

@@ -13,9 +13,9 @@ from functools import cache
 
 import torch
 
-from ..attention import build_mask
-from ..model import Block
-from ..rope import RotaryEmbedding
+from ..modeling.attention import build_mask
+from ..modeling.model import Block
+from ..modeling.rope import RotaryEmbedding
 from .grading import Case, Mistake, Verdict, grade
 from .rope import yarn_config
 from .weights import lab_library_model, lab_weights

@@ -15,11 +15,11 @@ from functools import cache
 
 import torch
 
-from ..attention import build_mask
-from ..cache import KVCache
-from ..generate import generate
-from ..lab import lab_model
-from ..tokenizer import load_tokenizer
+from ..modeling.attention import build_mask
+from ..modeling.cache import KVCache
+from ..modeling.generate import generate
+from ..recipe.lab import lab_model
+from ..checkpoints.tokenizer import load_tokenizer
 from .forward import lab_text_ids
 from .grading import Case, Mistake, Verdict, grade
 from .weights import lab_library_model

@@ -17,7 +17,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..heads import repeated_random_tokens
+from ..analysis.heads import repeated_random_tokens
 from .grading import Case, Mistake, Verdict, grade
 from .weights import lab_library_model
 

@@ -15,10 +15,10 @@ from functools import cache
 
 import torch
 
-from ..generate import generate
-from ..lab import lab_model, samples
-from ..model import OlmoModel
-from ..tokenizer import load_tokenizer
+from ..modeling.generate import generate
+from ..recipe.lab import lab_model, samples
+from ..modeling.model import OlmoModel
+from ..checkpoints.tokenizer import load_tokenizer
 from .attention import Layer, attend
 from .block import post_norm, pre_norm
 from .grading import Case, Mistake, Verdict, grade, same

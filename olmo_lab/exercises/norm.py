@@ -11,7 +11,7 @@ from functools import cache
 
 import torch
 
-from ..norm import RMSNorm
+from ..modeling.norm import RMSNorm
 from .grading import Case, Mistake, Verdict, grade
 from .weights import lab_weights
 

@@ -13,8 +13,8 @@ from functools import cache
 
 import torch
 
-from ..config import FULL, SLIDING, OlmoConfig, RopeConfig
-from ..rope import RotaryEmbedding, apply_rope, default_inv_freq, yarn_inv_freq
+from ..modeling.config import FULL, SLIDING, OlmoConfig, RopeConfig
+from ..modeling.rope import RotaryEmbedding, apply_rope, default_inv_freq, yarn_inv_freq
 from .grading import Case, Mistake, Verdict, grade
 from .weights import lab_config, lab_weights
 

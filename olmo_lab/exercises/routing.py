@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import OlmoConfig
-from ..mlp import SwiGLU
-from ..moe import MoE
+from ..modeling.config import OlmoConfig
+from ..modeling.mlp import SwiGLU
+from ..modeling.moe import MoE
 from .grading import Case, Mistake, Verdict, grade
 from .weights import lab_library_model, lab_weights
 

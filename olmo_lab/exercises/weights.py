@@ -14,10 +14,10 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..checkpoint import load_model
-from ..config import OlmoConfig
+from ..checkpoints.checkpoint import load_model
+from ..modeling.config import OlmoConfig
 from ..errors import MissingTensorError, ShapeMismatchError, UnexpectedTensorError
-from ..lab import lab_model
+from ..recipe.lab import lab_model
 
 
 @lru_cache(maxsize=None)

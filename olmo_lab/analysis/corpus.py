@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import CorpusError
-from .experts import experts_off
+from ..errors import CorpusError
+from ..modeling.experts import experts_off
 from .trace import trace
-from .train import token_byte_lengths
+from ..recipe.train import token_byte_lengths
 
 try:
     import pandas as pd
@@ -638,8 +638,8 @@ def _counted(shards, report: Report, store) -> Iterator:
 
 
 def _model_config(model, engine: str):
-    from .config import OlmoConfig
-    from .model import OlmoModel
+    from ..modeling.config import OlmoConfig
+    from ..modeling.model import OlmoModel
     if isinstance(model, OlmoModel):
         return model.config
     if engine == "ray" and isinstance(model, (str, os.PathLike)):
@@ -652,7 +652,7 @@ def _model_config(model, engine: str):
 
 
 def _spec(model_config, model, tokenizer, config: CorpusConfig, domains: int) -> Spec:
-    from .model import OlmoModel
+    from ..modeling.model import OlmoModel
     E, k = model_config.num_experts, model_config.num_experts_per_tok
     top = config.coactivation_top or (k if k < E else min(2, E))
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= min(k, E):
@@ -674,7 +674,7 @@ def _spec(model_config, model, tokenizer, config: CorpusConfig, domains: int) ->
 
 def _model_fingerprint(model, model_config) -> dict:
     """The model's config and toggles, and a hash of a sample of every tensor (cheap, and catches other weights)."""
-    from .model import OlmoModel
+    from ..modeling.model import OlmoModel
     if not isinstance(model, OlmoModel):
         return {"path": str(Path(model).resolve()), "config": model_config.to_dict()}
     h = hashlib.sha256()

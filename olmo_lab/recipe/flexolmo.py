@@ -52,9 +52,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .config import FULL, SLIDING, OlmoConfig
-from .model import OlmoModel
-from .trace import trace
+from ..modeling.config import FULL, SLIDING, OlmoConfig
+from ..modeling.model import OlmoModel
+from ..analysis.trace import trace
 from .train import TokenStream, TrainConfig, TrainResult, lm_loss, train
 
 PUBLIC = "public"

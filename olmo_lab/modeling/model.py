@@ -15,9 +15,9 @@ from torch import nn
 from .attention import Attention, build_mask
 from .cache import KVCache
 from .config import OlmoConfig
-from .errors import ExpertError, InputError
+from ..errors import ExpertError, InputError
 from .experts import ExpertToggles
-from .hooks import HookRegistry
+from ..analysis.hooks import HookRegistry
 from .mlp import SwiGLU
 from .moe import MoE
 from .norm import RMSNorm

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 import matplotlib.pyplot as plt
 import torch
 
-from .errors import ExpertError, InputError, OlmoLabError
-from .experts import experts_off, resolve_experts
-from .generate import generate
+from ..errors import ExpertError, InputError, OlmoLabError
+from ..modeling.experts import experts_off, resolve_experts
+from ..modeling.generate import generate
 from .plots import attention_heatmap, kl_divergence, next_token_comparison, routing_heatmap
 from .trace import trace
 

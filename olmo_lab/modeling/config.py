@@ -14,8 +14,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, brief
-from .json_file import read_json
+from ..errors import ConfigError, brief
+from ..checkpoints.json_file import read_json
 
 MODEL_TYPES = ("olmo3", "olmo2", "flex_olmo")
 SLIDING, FULL = "sliding_attention", "full_attention"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from ..errors import InputError
 from .interventions import intervene
 from .trace import trace
 

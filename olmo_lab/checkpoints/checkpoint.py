@@ -24,12 +24,12 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from . import hub
-from .config import RELEASED_7X7B_EXPERTS, OlmoConfig
-from .errors import (CheckpointError, InputError, ConfigError, CorruptCheckpointError, ExpertError,
+from ..modeling.config import RELEASED_7X7B_EXPERTS, OlmoConfig
+from ..errors import (CheckpointError, InputError, ConfigError, CorruptCheckpointError, ExpertError,
                      MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError, brief)
-from .experts import resolve_experts
+from ..modeling.experts import resolve_experts
 from .json_file import read_json
-from .model import OlmoModel
+from ..modeling.model import OlmoModel
 from .safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"

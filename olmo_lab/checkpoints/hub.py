@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import HubError
+from ..errors import HubError
 
 
 def looks_like_repo_id(name: str) -> bool:

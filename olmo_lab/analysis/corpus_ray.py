@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import torch
 
 from .corpus import analyze_shard
-from .errors import ClusterError, OlmoLabError
+from ..errors import ClusterError, OlmoLabError
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -51,7 +51,7 @@ class CorpusWorker:
     def __init__(self, model, spec, threads: int, device: str | None, model_kwargs: dict):
         torch.set_num_threads(threads)
         if isinstance(model, (str, os.PathLike)):
-            from .checkpoint import load_model
+            from ..checkpoints.checkpoint import load_model
             model = load_model(model, **model_kwargs)
         self.model = model.to(device) if device else model
         self.model.eval()

@@ -20,7 +20,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 MAX_CHARS = 2**24  # 16M characters: far beyond any context window's worth of text
 MAX_STEPS = 2_000_000  # template lines executed; a long real conversation takes a few thousand

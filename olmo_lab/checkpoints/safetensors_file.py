@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .errors import CorruptCheckpointError, brief
+from ..errors import CorruptCheckpointError, brief
 from .json_file import parse_json
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -27,7 +27,7 @@ import torch
 
 from . import hub
 from .chat_template import chat_environment, render_chat_template
-from .errors import TokenizerError
+from ..errors import TokenizerError
 from .json_file import read_json
 
 # The files a hub snapshot needs for a tokenizer; everything else (weights) is left on the hub.

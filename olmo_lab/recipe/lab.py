@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 LAB_MODELS = ("olmo3-lab", "flexolmo-lab")
-LAB_MODELS_DIR = Path(__file__).resolve().parent / "lab_models"
+LAB_MODELS_DIR = Path(__file__).resolve().parent.parent / "lab_models"
 
 
 def lab_model(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import GenerationError, TokenizerError, brief
+from ..errors import GenerationError, TokenizerError, brief
 
 
 def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperature: float = 0.0,

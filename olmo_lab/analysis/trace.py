@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention_probabilities, visible
-from .errors import HookError, InputError
-from .experts import resolve_layers
+from ..modeling.attention import attention_probabilities, visible
+from ..errors import HookError, InputError
+from ..modeling.experts import resolve_layers
 
 QUERY_CHUNK = 256  # patterns are computed in aligned blocks of queries: a slice equals the full pattern's
 # The block tensors `tr.block(layer, name)` reads (residual=True), and their hook points.

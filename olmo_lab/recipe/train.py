@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .tokenizer import Tokenizer
+from ..checkpoints.tokenizer import Tokenizer
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 # The pre-tokenizer regex of dolma2 (cl100k_base's, non-possessive), so the lab tokenizer splits text

@@ -31,9 +31,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ExpertError, HookError
-from .experts import resolve_experts
-from .moe import Routing
+from ..errors import ExpertError, HookError
+from ..modeling.experts import resolve_experts
+from ..modeling.moe import Routing
 
 _ids = count(1)  # a fresh id per intervention block: part of the model's KV-cache key
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OlmoConfig
-from .errors import HookError
+from ..errors import HookError
 from .mlp import SwiGLU
 
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import ExpertError
+from ..errors import ExpertError
 
 MODES = ("opt_out", "drop")
 ON, OPTED_OUT, DROPPED = "on", "opted out", "dropped"

@@ -14,8 +14,8 @@ import os
 import torch
 
 from .checkpoint import DTYPES, checkpoint_size, model_shell, resolve_checkpoint
-from .config import OlmoConfig
-from .lab import resolve
+from ..modeling.config import OlmoConfig
+from ..recipe.lab import resolve
 
 
 def describe(path_or_name: str | os.PathLike, revision: str | None = None) -> str:

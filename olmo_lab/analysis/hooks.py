@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .errors import HookError
+from ..errors import HookError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Looking inside and intervening: hook points, traces, interventions, patching, lenses, heads, plots, widgets, corpus-scale routing."""

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints and tokenizers: reading and writing them safely, the hub, comparing with transformers."""
