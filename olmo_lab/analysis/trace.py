@@ -36,7 +36,7 @@ from ..modeling.attention import attention_probabilities, visible
 from ..errors import HookError, InputError
 from ..modeling.experts import resolve_layers
 
-QUERY_CHUNK = 256  # patterns are computed in aligned blocks of queries: a slice equals the full pattern's
+QUERY_CHUNK = 128  # patterns are computed in aligned blocks of queries: a slice equals the full pattern's
 # The block tensors `tr.block(layer, name)` reads (residual=True), and their hook points.
 BLOCK_POINTS = {"resid_pre": "hook_resid_pre", "attn_out": "post_attention_layernorm.hook_out",
                 "resid_mid": "hook_resid_mid", "ffn_raw": "mlp.hook_out",
@@ -221,25 +221,33 @@ class Trace:
         rows = range(run.length)[queries or slice(None)]
         if rows.step != 1:
             raise InputError("pattern: queries must be a slice with step 1")
-        b_sel = slice(None) if batch is None else [batch] if isinstance(batch, int) else batch
-        q, k = q[b_sel][:, heads], k[b_sel][:, [h // attn.groups for h in heads]]  # one key head per query head
-        mask = None if run.mask is None else run.mask[b_sel][:, key_start:].bool()  # (B, K)
-        out = torch.zeros(q.shape[0], len(heads), len(rows), run.length, dtype=torch.float32)
+        if batch is not None:
+            b_sel = [batch] if isinstance(batch, int) else list(batch)
+            q, k = q[b_sel], k[b_sel]
+        if heads != list(range(attn.n_heads)):
+            q, k = q[:, heads], k[:, [h // attn.groups for h in heads]]  # one key head per query head
+        mask = None if run.mask is None else run.mask[b_sel if batch is not None else slice(None)][:, key_start:].bool()
+        out = torch.empty(q.shape[0], len(heads), len(rows), run.length, dtype=torch.float32)
+        out[:, :, :max(0, min(run.start, rows.stop) - rows.start)] = 0  # queries from before the trace began
         first_chunk = (max(rows.start, run.start) // QUERY_CHUNK) * QUERY_CHUNK if len(rows) else run.length
         for c in range(first_chunk, rows.stop if len(rows) else 0, QUERY_CHUNK):
             c_end = min(c + QUERY_CHUNK, run.length)
             lo = max(c, run.start)
             if lo >= c_end:
                 continue
-            q_idx = torch.arange(lo, c_end)
-            allowed = visible(q_idx, torch.arange(key_start, run.length), attn.window)[None, None]  # (1, 1, q, K)
+            # the block's queries see no key after c_end - 1: only keys up to there are computed
+            q_idx, k_idx = torch.arange(lo, c_end), torch.arange(key_start, c_end)
+            allowed = visible(q_idx, k_idx, attn.window)[None, None]  # (1, 1, q, keys up to c_end)
             if mask is not None:
-                allowed = allowed & mask[:, None, None, :]
-            probs = attention_probabilities(q[:, :, lo - run.start:c_end - run.start], k, allowed, attn.scale)
-            wanted = [r for r in range(lo, c_end) if r in rows]
-            if wanted:
-                out[:, :, wanted[0] - rows.start:wanted[-1] - rows.start + 1, key_start:] = \
-                    probs[:, :, wanted[0] - lo:wanted[-1] - lo + 1].float()
+                allowed = allowed & mask[:, None, None, :c_end - key_start]
+            probs = attention_probabilities(q[:, :, lo - run.start:c_end - run.start], k[:, :, :c_end - key_start],
+                                            allowed, attn.scale)
+            first, last = max(lo, rows.start), min(c_end, rows.stop)  # the asked rows in this block
+            if first < last:
+                rows_out = out[:, :, first - rows.start:last - rows.start]
+                rows_out[..., :key_start] = 0  # keys no longer cached when the trace began
+                rows_out[..., key_start:c_end] = probs[:, :, first - lo:last - lo]
+                rows_out[..., c_end:] = 0
         return out if keys is None else out[..., keys]
 
     def visible(self, layer: int) -> torch.Tensor:

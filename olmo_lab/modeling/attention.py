@@ -75,14 +75,14 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Ten
     q (B, nh, S, hd), k (B, nkv, kv_len, hd): query head h uses key head h // (nh // nkv). allowed: a
     (B, 1, S, kv_len) bool mask, or None for plain causal attention with no past.
     """
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, kv_len, hd)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, nh, S, kv_len), model dtype
-    if allowed is not None:
-        scores = scores + torch.zeros_like(allowed, dtype=scores.dtype).masked_fill(
-            ~allowed, torch.finfo(scores.dtype).min)
-    elif q.shape[2] > 1:  # plain causal: the mask was left to SDPA's is_causal
-        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, kv_len, hd)
+    scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale)  # (B, nh, S, kv_len), model dtype
+    if allowed is None and q.shape[2] > 1:  # plain causal: the mask was left to SDPA's is_causal
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if allowed is not None:  # transformers' additive mask: 0 where visible, the dtype's minimum elsewhere
+        scores.add_(torch.zeros(allowed.shape, dtype=scores.dtype, device=q.device).masked_fill_(
+            ~allowed, torch.finfo(scores.dtype).min))
     return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
 
 
