@@ -61,6 +61,8 @@ MiB = 2 ** 20
 PROMPT = 512  # part 1's prompt length
 PATCH_POSITIONS = 24  # part 2's prompt length (every position is patched)
 IDLE_LENGTH = 256  # part 3's forward (as benchmarks/run.py's tracing overhead)
+OURS_LAST = "olmo-lab, metric_positions=[-1] (logits of the last position only)"
+PEER_LAST = "transformers forward hooks, batched, logits_to_keep=1 (last position only)"
 TARGETS = {"memory vs peer": 0.6, "time vs peer": 1 / 1.2, "time vs plain forward": 1.1, "patching": 2.5,
            "idle hook points": 0.01, "idle intervention": 0.02}
 EQUAL = 1e-4  # fp32: every tool's values must agree with olmo-lab's to this (max abs diff)
@@ -323,6 +325,10 @@ def patching(t: Tools, repeats: int, slow_repeats: int) -> dict:
         return patch(t.ours, clean, corrupt, metric, site="resid_pre", progress=False).scores
     sweeps["olmo-lab (batched, from layer l and position p on)"] = (ours, repeats)
 
+    def ours_last():
+        return patch(t.ours, clean, corrupt, metric, site="resid_pre", progress=False, metric_positions=[-1]).scores
+    sweeps[OURS_LAST] = (ours_last, repeats)
+
     if t.bridge is not None:
         def tl():
             from transformer_lens.patching import get_act_patch_resid_pre
@@ -348,7 +354,7 @@ def patching(t: Tools, repeats: int, slow_repeats: int) -> dict:
             return grid
         sweeps["nnsight loop of traces"] = (nn, slow_repeats)
 
-    def batched():
+    def batched(keep=0):
         hf = t.hf
         clean_pre = {}
 
@@ -375,12 +381,13 @@ def patching(t: Tools, repeats: int, slow_repeats: int) -> dict:
                 return args, {**kwargs, "hidden_states": x}
             h = hf.model.layers[layer].register_forward_pre_hook(swap, with_kwargs=True)
             try:
-                logits = hf(corrupt.expand(S, -1)).logits
+                logits = hf(corrupt.expand(S, -1), logits_to_keep=keep).logits
             finally:
                 h.remove()
             grid[layer] = logits[:, -1, a] - logits[:, -1, b]
         return grid
     sweeps["transformers forward hooks, batched (24 rows per forward)"] = (batched, repeats)
+    sweeps[PEER_LAST] = (lambda: batched(keep=1), repeats)
 
     res = {"layers": L, "positions": S, "sweeps": {}, "errors": {}}
     grids = {}
@@ -632,20 +639,26 @@ def judge(results: dict) -> list[str]:
         p = r["patching"].get("sweeps", {})
         names = list(p)
         if names:
-            ours_t = p[names[0]]["time"]["min"]
-            batched = {n: s["time"]["min"] for n, s in p.items() if n != names[0]}
-            if batched:
-                fastest = min(batched, key=batched.get)
-                s = batched[fastest] / ours_t
-                rows.append(f"| {model} | patching: >= 2.5x faster than the fastest peer ({fastest}) | {s:.2f}x | "
-                            f"{met(s >= TARGETS['patching'])} |")
+            ours = [n for n in names if n.startswith("olmo-lab")]
+            peers = {n: s["time"]["min"] for n, s in p.items() if n not in ours}
+            # like for like: every logit against the peers computing every logit, the last position's against
+            # the peer that also computes only those
+            for mine, theirs, what in ((names[0], [n for n in peers if n != PEER_LAST], "every position's logits"),
+                                       (OURS_LAST, [PEER_LAST], "the last position's logits only")):
+                theirs = [n for n in theirs if n in peers]
+                if mine in p and theirs:
+                    fastest = min(theirs, key=peers.get)
+                    x = peers[fastest] / p[mine]["time"]["min"]
+                    rows.append(f"| {model} | patching, {what}: >= 2.5x faster than the fastest peer ({fastest}) | "
+                                f"{x:.2f}x | {met(x >= TARGETS['patching'])} |")
             worst = max((s["max abs diff"] for n, s in p.items() if n != names[0]), default=0.0)
             rows.append(f"| {model} | patching: grids equal (<= {EQUAL:g}) | {worst:.1e} | {met(worst <= EQUAL)} |")
         idle_r = r["idle"]
         for k, s in idle_r.get("variants", {}).items():
             if k.startswith("after traces"):
-                rows.append(f"| {model} | idle hook points: within 1% (measured: after traces, vs never touched) | "
-                            f"{s['overhead']:+.1%} | {met(abs(s['overhead']) <= TARGETS['idle hook points'])} |")
+                rows.append(f"| {model} | idle hook points: cost at most 1% (measured: after traces, vs never "
+                            f"touched; negative = faster) | {s['overhead']:+.1%} | "
+                            f"{met(s['overhead'] <= TARGETS['idle hook points'])} |")
             elif k.startswith("inside"):
                 rows.append(f"| {model} | idle intervention context within 2%: {k} | {s['overhead']:+.1%} | "
                             f"{met(s['overhead'] <= TARGETS['idle intervention'])} |")

@@ -69,4 +69,11 @@ class _FlatNames(_abc.MetaPathFinder, _abc.Loader):
 for _flat, _real in _FLAT.items():  # those imported above are registered now, so no import rebinds a name here
     if _real in _sys.modules:
         _sys.modules[_flat] = _sys.modules[_real]
-_sys.meta_path.insert(0, _FlatNames())  # before any editable-install finder that still knows the old files
+_sys.meta_path.insert(0, _FlatNames())
+
+
+def __getattr__(name: str):
+    """`olmo_lab.heads`, `olmo_lab.lab`, ... as attributes too, imported when first used."""
+    if f"{__name__}.{name}" in _FLAT:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")  # before any editable-install finder that still knows the old files

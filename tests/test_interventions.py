@@ -287,6 +287,39 @@ def test_batched_sweep_equals_one_site_at_a_time(site):
                 ).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("site", ["resid_pre", "heads", "experts"])
+def test_metric_positions_compute_less_and_give_the_same_grid(site):
+    model = build(FLEX)
+    clean, corrupt = ids(10), ids(10, seed=3)
+    full = patch(model, clean, corrupt, _metric, site=site, progress=False).scores
+    for positions in ([-1], [9], [4, -1]):
+        part = patch(model, clean, corrupt, _metric, site=site, progress=False, metric_positions=positions).scores
+        assert (part - full).abs().max() <= 1e-5  # fewer rows through the vocabulary projection
+    seen = []  # the positions each vocabulary projection gets
+    original = model.lm_head.forward
+    model.lm_head.forward = lambda x: (seen.append(x.shape[1]), original(x))[1]
+    try:
+        patch(model, clean, corrupt, _metric, site=site, progress=False, metric_positions=[-1])
+    finally:
+        del model.lm_head.forward
+    assert seen[:2] == [10, 10] and set(seen[2:]) == {1}  # the clean and corrupted runs, then last positions only
+    assert idle(model)
+
+
+def test_a_metric_reading_positions_it_did_not_declare_is_refused():
+    model = build(DENSE)
+    before = _state(model)
+    two = lambda logits: logits[0, -1, 5] - logits[0, 3, 9]  # noqa: E731 - reads position 3 too
+    with pytest.raises(InputError, match="metric_positions"):
+        patch(model, ids(8), ids(8, seed=2), two, progress=False, metric_positions=[-1])
+    for bad in ([8], [-9], [], "last", [[1]]):
+        with pytest.raises(InputError, match="metric_positions"):
+            patch(model, ids(8), ids(8, seed=2), _metric, progress=False, metric_positions=bad)
+    _same(model, before)
+    grid = patch(model, ids(8), ids(8, seed=2), two, progress=False, metric_positions=[3, -1])
+    assert torch.isfinite(grid.scores).all()
+
+
 def test_patching_the_first_layer_everywhere_gives_the_clean_run_and_the_sweep_agrees_with_a_full_replace():
     model = build(DENSE)
     clean, corrupt = ids(10), ids(10, seed=3)

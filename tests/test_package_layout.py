@@ -36,6 +36,7 @@ def test_a_fresh_process_imports_each_flat_name_once():
             "from olmo_lab.interventions import Zero\n"
             "import olmo_lab.analysis.interventions as iv, olmo_lab.recipe.flexolmo as fx\n"
             "assert Zero is iv.Zero and olmo_lab.flexolmo is fx\n"
+            "assert olmo_lab.lab.samples and olmo_lab.summary.describe and olmo_lab.plots.__name__.endswith('plots')\n"
             "modules = {id(m): m for k, m in sys.modules.items() if k.startswith('olmo_lab.') and hasattr(m, '__file__')}\n"
             "files = [m.__file__ for m in modules.values()]\n"
             "print(len(files) == len(set(files)))")

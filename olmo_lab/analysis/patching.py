@@ -16,6 +16,10 @@ the corrupted run's keys, values and logits (a KV cache) and only positions p.. 
 quarter of the full work over a layers x positions sweep. Up to `batch` patched runs go through the
 model together; the rows of a batch are independent, so a batched sweep computes what the one-at-a-time
 sweep (batch=1) computes, equal up to the rounding of matrix kernels given other numbers of rows.
+A metric that reads only some positions' logits (most read the last) can say so, `metric_positions=[-1]`:
+the patched runs then compute the vocabulary projection only from the first of them on (a third of a
+small model's work); the other logits it is given are NaN, so a metric that reads them anyway gets an
+error, never a wrong number.
 
 Attribution patching (Nanda 2023) is the first-order version: metric(patched) - metric(corrupt) ~
 (a_clean - a_corrupt) . d metric / d a at the corrupted run, for every site from two forwards and one
@@ -131,13 +135,18 @@ def _run(model, ids):
 
 @torch.no_grad()
 def patch(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, site: str = "resid_pre",
-          layers=None, direction: str = "denoise", batch: int = 24, progress: bool = True) -> PatchingResult:
-    """Activation patching over one kind of site; see the module docstring. metric(logits (1, S, V)) -> scalar."""
+          layers=None, direction: str = "denoise", batch: int = 24, progress: bool = True,
+          metric_positions=None) -> PatchingResult:
+    """Activation patching over one kind of site; see the module docstring. metric(logits (1, S, V)) -> scalar.
+
+    metric_positions: the positions whose logits the metric reads (e.g. [-1]); default all of them.
+    """
     _check(model, clean, corrupt, site)
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction: expected 'denoise' or 'noise', got {direction!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch: expected a positive int, got {batch!r}")
+    keep = _logits_kept(metric_positions, clean.shape[1])
     clean_logits, source = _run(model, clean)
     corrupt_logits, target = _run(model, corrupt)
     m_clean, m_corrupt = _metric(metric, clean_logits), _metric(metric, corrupt_logits)
@@ -155,18 +164,48 @@ def patch(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, site: str =
     chunks = [(layer, list(range(len(columns)))[c:c + per_forward]) for layer in layers
               for c in range(0, len(columns), per_forward)]
     for layer, cols in tqdm(chunks, desc=f"patching {site}", disable=not progress):
-        scores[layer, cols] = _score(metric, _patched_logits(model, site, layer, cols, source, target, corrupt))
+        logits = _patched_logits(model, site, layer, cols, source, target, corrupt, keep)
+        scores[layer, cols] = _score(metric, logits)
+        if keep < S and bool(scores[layer, cols].isnan().any()):
+            raise InputError(f"metric gave NaN with metric_positions={metric_positions!r}: it reads the logits of a "
+                             f"position not listed there (those are not computed; they are NaN)")
     return PatchingResult(scores[layers] if len(layers) < L else scores, site, columns, m_clean, m_corrupt)
 
 
-def _patched_logits(model, site, layer, cols, source, target, ids):
-    """Logits (n, S, V) of the target run with column cols[r] of `site` at `layer` patched in row r."""
+def _logits_kept(metric_positions, S: int) -> int:
+    """How many last positions' logits the patched runs compute: S unless the metric reads fewer."""
+    if metric_positions is None:
+        return S
+    try:
+        positions = [int(p) for p in metric_positions]
+    except (TypeError, ValueError):
+        raise InputError(f"metric_positions: expected a list of positions, got {metric_positions!r}") from None
+    if not positions or any(not -S <= p < S for p in positions):
+        raise InputError(f"metric_positions: expected positions in [-{S}, {S}) (the prompt has {S} tokens), "
+                         f"got {metric_positions!r}")
+    return S - min(p % S for p in positions)
+
+
+def _with_logits(logits, keep, target_logits, before):
+    """(n, S, V): the computed logits of the last `keep` positions, the target run's where a row has not yet
+    been patched (`before`, (n, S) or None), NaN where nothing was computed."""
+    n, S = logits.shape[0], target_logits.shape[1]
+    if keep == S and before is None:
+        return logits
+    full = logits.new_full((n, S, logits.shape[2]), float("nan"))
+    full[:, S - logits.shape[1]:] = logits
+    return full if before is None else torch.where(before[..., None], target_logits, full)
+
+
+def _patched_logits(model, site, layer, cols, source, target, ids, keep):
+    """Logits (n, S, V) of the target run with column cols[r] of `site` at `layer` patched in row r
+    (only the last `keep` positions computed; see _with_logits)."""
     n = len(cols)
     p = f"model.layers.{layer}."
+    if site == "resid_pre":
+        return _patched_resid(model, layer, cols, source, target, ids, keep)
     resid = target[p + "hook_resid_pre"].expand(n, -1, -1).clone()  # (n, S, H)
     edits = {}
-    if site == "resid_pre":
-        return _patched_resid(model, layer, cols, source, target, ids)
     if site == "heads":
         clean_z = source[p + "self_attn.hook_z"]  # (1, S, nh, hd)
 
@@ -190,10 +229,11 @@ def _patched_logits(model, site, layer, cols, source, target, ids):
                 return y
             edits[f"{p}mlp.experts.{e}.hook_out"] = expert
     with intervene(model, edits):
-        return model(ids.expand(n, -1), start_at_layer=layer, resid=resid).logits
+        logits = model(ids.expand(n, -1), start_at_layer=layer, resid=resid, logits_to_keep=keep).logits
+    return _with_logits(logits, keep, target["logits"], None)
 
 
-def _patched_resid(model, layer, positions, source, target, ids):
+def _patched_resid(model, layer, positions, source, target, ids, keep):
     """Logits (n, S, V) with the residual stream entering `layer` at positions[r] patched in row r.
 
     Only positions from the first patched one, p0, are computed: a causal model cannot change what comes
@@ -221,9 +261,9 @@ def _patched_resid(model, layer, positions, source, target, ids):
             for store, kind in ((cache.keys, "k"), (cache.values, "v")):
                 store[j] = target[f"model.layers.{j}.self_attn.hook_{kind}"][:, :, first:p0].expand(n, -1, -1, -1)
         cache.length = p0
-        logits = model(ids[:, p0:].expand(n, -1), cache=cache, start_at_layer=layer, resid=resid).logits
-    full = torch.cat([target["logits"][:, :p0].expand(n, -1, -1), logits], dim=1)  # (n, S, V)
-    return torch.where(before[..., None], target["logits"], full)
+        logits = model(ids[:, p0:].expand(n, -1), cache=cache, start_at_layer=layer, resid=resid,
+                       logits_to_keep=min(keep, S - p0)).logits  # (n, <= S - p0, V)
+    return _with_logits(logits, keep, target["logits"], before)
 
 
 def attribution_patch(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, site: str = "resid_pre") -> PatchingResult:
