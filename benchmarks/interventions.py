@@ -354,7 +354,7 @@ def patching(t: Tools, repeats: int, slow_repeats: int) -> dict:
             return grid
         sweeps["nnsight loop of traces"] = (nn, slow_repeats)
 
-    def batched(keep=0):
+    def batched(last=0):
         hf = t.hf
         clean_pre = {}
 
@@ -381,13 +381,13 @@ def patching(t: Tools, repeats: int, slow_repeats: int) -> dict:
                 return args, {**kwargs, "hidden_states": x}
             h = hf.model.layers[layer].register_forward_pre_hook(swap, with_kwargs=True)
             try:
-                logits = hf(corrupt.expand(S, -1), logits_to_keep=keep).logits
+                logits = hf(corrupt.expand(S, -1), logits_to_keep=last).logits
             finally:
                 h.remove()
             grid[layer] = logits[:, -1, a] - logits[:, -1, b]
         return grid
     sweeps["transformers forward hooks, batched (24 rows per forward)"] = (batched, repeats)
-    sweeps[PEER_LAST] = (lambda: batched(keep=1), repeats)
+    sweeps[PEER_LAST] = (lambda: batched(last=1), repeats)
 
     res = {"layers": L, "positions": S, "sweeps": {}, "errors": {}}
     grids = {}
