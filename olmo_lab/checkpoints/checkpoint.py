@@ -191,7 +191,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    readers, state = {}, {}
+    readers, state, tensor = {}, {}, None
     try:
         for path in files:
             readers[path] = SafetensorsFile(path)
@@ -220,7 +220,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         state.clear()
         if placer is not None:
             placer.discard()
-        del model
+        del model, tensor
         raise
     finally:
         for reader in readers.values():

@@ -150,6 +150,7 @@ class Placer:
     def plan(self, model, dtype: torch.dtype, names) -> None:
         """Decide the place of every module and of each tensor in `names`; make the offload folder if needed."""
         self.tied = model.config.tie_word_embeddings
+        model.to(dtype)  # still all on meta, so free: offloaded weights come back in the parameters' dtype
         self.map = self._infer(model, dtype) if self.requested == "auto" else self._check_map(model)
         for name in names:
             self.places[name] = self.place_of(name)
@@ -267,6 +268,10 @@ class Placer:
             dispatch_model(model, self.map, main_device=self.main,
                            state_dict=self.cpu_state if self.main != "cpu" else None, offload_dir=self.folder,
                            offload_index=self.index or None, preload_module_classes=[UNIT], force_hooks=True)
+        # Autograd would save each block's weights for a backward pass, so a plain forward would end with
+        # every offloaded weight back in memory: weights of a placed model are frozen (activations can still
+        # take gradients, as attribution patching needs).
+        model.requires_grad_(False)
         if self.folder is not None:
             weakref.finalize(model, _remove, self.folder, None)
         main = torch.device("cuda", self.main) if isinstance(self.main, int) else torch.device(self.main)
