@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import olmo_lab
-from olmo_lab.errors import CorruptCheckpointError, PlacementError
+from olmo_lab.errors import CorruptCheckpointError, InputError, PlacementError
 from olmo_lab.interventions import Add, ForceRouting, Zero, intervene
 from olmo_lab.model import OlmoModel
 
@@ -107,6 +107,26 @@ def test_one_place_for_everything_including_disk(dense, tmp_path):
     assert model.dtype == torch.bfloat16 and all(p.is_meta for p in model.parameters())
     x = ids()
     assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_tied_embeddings_share_one_place(tmp_path):
+    directory = checkpoint({**DENSE, "num_hidden_layers": 2, "tie_word_embeddings": True}, tmp_path / "tied")
+    ref, x = olmo_lab.load_model(directory), ids()
+    block = sum(p.numel() * 4 for p in ref.model.layers[0].parameters())
+    for device_map, memory in [({"model": "disk", "lm_head": "disk"}, None), ("auto", {"cpu": 2 * block})]:
+        model = olmo_lab.load_model(directory, device_map=device_map, max_memory=memory, offload_folder=tmp_path)
+        assert "disk" in model.placement.device_map.values()
+        assert torch.equal(model(x).logits, ref(x).logits)
+    with pytest.raises(PlacementError, match="lm_head shares its weight with model.embed_tokens"):
+        olmo_lab.load_model(directory, device_map={"model": "disk", "lm_head": "cpu"}, offload_folder=tmp_path / "off")
+    assert not os.path.exists(tmp_path / "off")
+
+
+def test_saving_an_offloaded_model_is_refused(dense, tmp_path):
+    model = olmo_lab.load_model(dense, device_map={"": "disk"}, offload_folder=tmp_path / "off")
+    with pytest.raises(InputError, match="offloaded"):
+        olmo_lab.save_model(model, tmp_path / "saved")
+    assert not os.path.exists(tmp_path / "saved")
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -198,7 +218,7 @@ def test_disk_offload_peaks_under_half_the_weights_and_gives_the_in_memory_logit
     (dict(device_map={}), r"empty"),
     (dict(device_map="balanced"), r"expected 'auto'"),
     (dict(device_map={"": "disk"}), r"give offload_folder="),
-    (dict(device_map="auto", max_memory={"cpu": 100_000}), r"on disk .*: give offload_folder= for their weights, or more max_memory"),
+    (dict(device_map="auto", max_memory={"cpu": 100_000}), r"on disk .*: give offload_folder=.*or more max_memory"),
     (dict(device_map="auto", max_memory={"cpu": 1000}, offload_folder="OFF"), r"room for none of the model's"),
     (dict(device_map="auto", max_memory={"cpu": "lots"}), r"max_memory\['cpu'\]: expected a number of bytes"),
     (dict(device_map="auto", max_memory={"gpu": 10}), r"max_memory key 'gpu'"),
@@ -234,7 +254,8 @@ def test_a_load_that_fails_midway_removes_its_offloaded_files_and_holds_no_model
     before = live_models()
     for folder in (tmp_path / "off", tmp_path / "new" / "deeper"):
         with pytest.raises(CorruptCheckpointError, match="lm_head.weight") as failure:
-            olmo_lab.load_model(tmp_path / "ckpt", device_map={"model": "disk", "lm_head": "cpu"}, offload_folder=folder)
+            olmo_lab.load_model(tmp_path / "ckpt", device_map={"model": "disk", "lm_head": "cpu"},
+                                offload_folder=folder)
         assert live_models() == before  # while the traceback (as Jupyter keeps it) holds load_model's frame
     assert offloaded(tmp_path / "off") == [] and not os.path.exists(tmp_path / "new")  # made by the load: removed
 

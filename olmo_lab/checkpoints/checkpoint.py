@@ -438,6 +438,9 @@ def save_model(model: OlmoModel, directory: str | os.PathLike, *, max_shard_size
     """
     directory = os.fspath(directory)
     limit = _parse_size(max_shard_size)
+    if any(p.is_meta for p in model.parameters()):
+        raise InputError("save_model: this model's weights are offloaded (model.placement: on disk, or in CPU memory "
+                         "for a GPU), not in its parameters; load it without device_map= to save it")
     os.makedirs(directory, exist_ok=True)
     config = model.config.replace(dtype=_dtype_name(model.dtype))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
