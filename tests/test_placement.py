@@ -122,6 +122,13 @@ def test_tied_embeddings_share_one_place(tmp_path):
     assert not os.path.exists(tmp_path / "off")
 
 
+def test_a_lab_passes_its_placement_on(tmp_path):
+    lab = olmo_lab.Lab("olmo3-lab", device_map={"model": "disk", "lm_head": "cpu"}, offload_folder=tmp_path)
+    ref = olmo_lab.Lab("olmo3-lab")
+    assert lab.model.placement.bytes["disk"] > 0
+    assert lab.generate("The king said", max_new_tokens=8) == ref.generate("The king said", max_new_tokens=8)
+
+
 def test_saving_an_offloaded_model_is_refused(dense, tmp_path):
     model = olmo_lab.load_model(dense, device_map={"": "disk"}, offload_folder=tmp_path / "off")
     with pytest.raises(InputError, match="offloaded"):

@@ -84,6 +84,11 @@ def place_name(place) -> str:
     return f"cuda:{place}" if isinstance(place, int) else place
 
 
+def torch_device(place) -> torch.device:
+    """The device a place keeps tensors in memory on: its GPU, "mps", else the CPU (for "cpu" and "disk")."""
+    return torch.device("cuda", place) if isinstance(place, int) else torch.device("mps" if place == "mps" else "cpu")
+
+
 class Placer:
     """One load's placement: checks the arguments, decides each tensor's place, and dispatches the model."""
 
@@ -235,9 +240,7 @@ class Placer:
     # ------------------------------------------------------------------ while tensors are read
     def device_for(self, name: str) -> torch.device:
         """Where tensor `name` is read to: its GPU, or CPU memory (for CPU and disk places)."""
-        place = self.places[name]
-        return torch.device("cuda", place) if isinstance(place, int) else torch.device(
-            "mps" if place == "mps" else "cpu")
+        return torch_device(self.places[name])
 
     def keep(self, name: str, tensor: torch.Tensor) -> bool:
         """Put a read tensor in its place; True if it goes into the model itself (resident on its device)."""
@@ -254,7 +257,7 @@ class Placer:
                 raise PlacementError(f"offload_folder: writing {name!r} to {self.folder!r} failed: "
                                      f"{e.strerror or e}") from None
             return False
-        if place == "cpu" and self.main != "cpu":  # runs on the main GPU; its weights wait in CPU memory
+        if place == "cpu" and self.main not in ("cpu", "mps"):  # runs on the main GPU, weights wait in CPU memory
             for alias in aliases:
                 self.cpu_state[alias] = tensor
             return False
@@ -266,16 +269,15 @@ class Placer:
         from accelerate import dispatch_model
         with _quiet("accelerate.big_modeling"):  # it warns that offloaded parameters are on meta: that is the plan
             dispatch_model(model, self.map, main_device=self.main,
-                           state_dict=self.cpu_state if self.main != "cpu" else None, offload_dir=self.folder,
-                           offload_index=self.index or None, preload_module_classes=[UNIT], force_hooks=True)
+                           state_dict=self.cpu_state or None, offload_dir=self.folder,
+                           offload_index=self.index or None, preload_module_classes=[UNIT])
         # Autograd would save each block's weights for a backward pass, so a plain forward would end with
         # every offloaded weight back in memory: weights of a placed model are frozen (activations can still
         # take gradients, as attribution patching needs).
         model.requires_grad_(False)
         if self.folder is not None:
             weakref.finalize(model, _remove, self.folder, None)
-        main = torch.device("cuda", self.main) if isinstance(self.main, int) else torch.device(self.main)
-        model.placement = Placement(dict(self.map), main, self.folder, dict(self.bytes))
+        model.placement = Placement(dict(self.map), torch_device(self.main), self.folder, dict(self.bytes))
 
     def discard(self) -> None:
         """Forget everything read so far and remove what this load wrote to disk (after a failure)."""
