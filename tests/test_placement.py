@@ -22,6 +22,7 @@ import olmo_lab
 from olmo_lab.errors import CorruptCheckpointError, InputError, PlacementError
 from olmo_lab.interventions import Add, ForceRouting, Zero, intervene
 from olmo_lab.model import OlmoModel
+from olmo_lab.patching import attribution_patch, patch
 
 DENSE = dict(model_type="olmo3", vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64)
@@ -122,6 +123,14 @@ def test_tied_embeddings_share_one_place(tmp_path):
     assert not os.path.exists(tmp_path / "off")
 
 
+def test_an_expert_subset_can_be_placed(flex, tmp_path):
+    ref = olmo_lab.load_model(flex, experts=["code", "public"])
+    model = olmo_lab.load_model(flex, experts=["code", "public"], device_map=CPU_AND_DISK, offload_folder=tmp_path)
+    assert model.config.expert_names == ref.config.expert_names == ["public", "code"]
+    x = ids()
+    assert torch.equal(model(x).logits, ref(x).logits)
+
+
 def test_a_lab_passes_its_placement_on(tmp_path):
     lab = olmo_lab.Lab("olmo3-lab", device_map={"model": "disk", "lm_head": "cpu"}, offload_folder=tmp_path)
     ref = olmo_lab.Lab("olmo3-lab")
@@ -166,6 +175,21 @@ def test_trace_toggles_and_interventions_on_an_offloaded_model_equal_the_in_memo
             outs.append((m(x).logits, olmo_lab.generate(m, None, x, max_new_tokens=4)))
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
     assert not torch.equal(outs[1][0], ref(x).logits)  # the edits did something
+
+
+def test_patching_an_offloaded_model_equals_patching_the_in_memory_one(flex, tmp_path):
+    ref = olmo_lab.load_model(flex)
+    model = olmo_lab.load_model(flex, device_map=CPU_AND_DISK, offload_folder=tmp_path)
+    clean, corrupt = ids(8, 1, seed=3), ids(8, 1, seed=4)
+
+    def metric(logits):
+        return logits[0, -1, 5] - logits[0, -1, 7]
+
+    for site in ("resid_pre", "heads", "experts"):
+        a, b = (patch(m, clean, corrupt, metric, site=site, progress=False) for m in (ref, model))
+        assert torch.equal(a.scores, b.scores)
+    a, b = (attribution_patch(m, clean, corrupt, metric) for m in (ref, model))  # a backward through offloaded blocks
+    assert torch.equal(a.scores, b.scores) and a.scores.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------- memory
