@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 import olmo_lab
 from olmo_lab.errors import CorruptCheckpointError, InputError, PlacementError
+from olmo_lab.checkpoints.placement import parameter
 from olmo_lab.interventions import Add, ForceRouting, Zero, intervene
+from olmo_lab.lens import direct_logit_attribution, logit_lens
 from olmo_lab.model import OlmoModel
 from olmo_lab.patching import attribution_patch, patch
 
@@ -190,6 +192,18 @@ def test_patching_an_offloaded_model_equals_patching_the_in_memory_one(flex, tmp
         assert torch.equal(a.scores, b.scores)
     a, b = (attribution_patch(m, clean, corrupt, metric) for m in (ref, model))  # a backward through offloaded blocks
     assert torch.equal(a.scores, b.scores) and a.scores.abs().sum() > 0
+
+
+def test_direct_logit_attribution_and_the_logit_lens_read_offloaded_weights(flex, tmp_path):
+    ref = olmo_lab.load_model(flex)
+    model = olmo_lab.load_model(flex, device_map={"model": "disk", "lm_head": "disk"}, offload_folder=tmp_path)
+    views = []
+    for m in (ref, model):
+        with olmo_lab.trace(m, residual=True, routing=True) as tr:
+            m(ids(8, 1))
+        views.append((direct_logit_attribution(m, tr, 5), logit_lens(m, tr)))
+    assert views[0] == views[1]
+    assert parameter(model, "lm_head.weight").device.type == "cpu" and model.lm_head.weight.is_meta
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -287,6 +287,24 @@ class Placer:
         self.folder = self.created = None
 
 
+def parameter(model, name: str) -> torch.Tensor:
+    """A parameter's values, also where a placed model offloads them (its own tensor is then on meta).
+
+    For code that reads weights directly instead of calling the module (e.g. direct logit attribution):
+    the offloaded copy is found through the accelerate hook of the module that loads it for its forward
+    (the parameter's own module, or its decoder block), and comes on that module's execution device.
+    """
+    p = model.get_parameter(name)
+    if not p.is_meta:
+        return p
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the innermost module whose hook loads this weight
+        hook = getattr(model.get_submodule(".".join(parts[:i])), "_hf_hook", None)
+        if getattr(hook, "offload", False):
+            return hook.weights_map[".".join(parts[i:])].to(hook.execution_device)
+    raise PlacementError(f"{name}: the parameter has no values (it is on the meta device) and no offloaded copy")
+
+
 def _remove(folder: str | None, created: str | None) -> None:
     """Delete a private offload folder, and the folders a load created above it."""
     if folder is not None:
