@@ -18,7 +18,8 @@ weights for its forward only (`preload_module_classes`: the whole block at once)
 the logits come back on the device of the input ids (`model.device`, the main device). Hook points,
 traces (recorded on CPU), expert toggles, interventions, the KV cache (each layer's keys on its layer's
 device) and `generate` work as on one device. A failed load removes what it wrote; the private offload
-folder is removed when the model is freed.
+folder is removed when the model is freed (by the garbage collector: accelerate's hooks, which wrap
+each module's forward, make reference cycles).
 """
 
 from __future__ import annotations
