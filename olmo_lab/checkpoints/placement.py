@@ -125,12 +125,12 @@ class Placer:
             device_map = {k: parse_place(v, f"device_map[{k!r}]") for k, v in device_map.items()}
         elif device_map != "auto":
             raise PlacementError(f"device_map: expected 'auto' or {{module name: place}}, got {brief(device_map)}")
+        accelerate()
         if max_memory is not None:
             max_memory = cls._parse_memory(max_memory)
         if offload_folder is not None and not (isinstance(offload_folder, (str, os.PathLike))
                                                and os.fspath(offload_folder) and "\0" not in os.fspath(offload_folder)):
             raise PlacementError(f"offload_folder: expected a directory path, got {brief(offload_folder)}")
-        accelerate()
         return cls(device_map, max_memory, None if offload_folder is None else os.fspath(offload_folder))
 
     @staticmethod
