@@ -70,6 +70,11 @@ class InputError(OlmoLabError, ValueError):
     """Model inputs (token ids, masks, positions) or other arguments have the wrong type, shape or range."""
 
 
+class PlacementError(InputError):
+    """A device map, `max_memory` or offload folder cannot place the model (unknown module or device, no room
+    anywhere, a folder that cannot be written), or accelerate, which placement needs, is not installed."""
+
+
 class HookError(OlmoLabError, ValueError):
     """A hook point name is unknown, or a hook or intervention is invalid (shape, dtype, device, range)."""
 

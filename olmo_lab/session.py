@@ -32,7 +32,7 @@ class Lab:
     """
 
     def __init__(self, model: str | os.PathLike = "olmo3-lab", *, dtype: torch.dtype | str | None = None,
-                 device: str | torch.device = "cpu", revision: str | None = None,
+                 device: str | torch.device | None = None, revision: str | None = None,
                  tokenizer: str | os.PathLike | None = None, **load_kw):
         self.name = os.fspath(model)
         self.model = load_model(resolve(self.name), dtype=dtype, device=device, revision=revision, **load_kw)

@@ -155,7 +155,8 @@ class _WithTensor(Intervention):
         if not fits:
             raise HookError(f"{self.info.name}: a {tuple(self.tensor.shape)} tensor does not broadcast over this "
                             f"point's features {features}")
-        return self.tensor.expand(features)[:, None, :] if axis == 2 else self.tensor  # (heads, 1, hd) for axis 2
+        tensor = self.tensor.to(value.device)  # a placed model's layer may sit on another GPU than its inputs
+        return tensor.expand(features)[:, None, :] if axis == 2 else tensor  # (heads, 1, hd) for axis 2
 
 
 class Add(_WithTensor):
@@ -212,6 +213,7 @@ class Replace(Intervention):
             elif axis is not None and new.dim() == value.dim() and new.shape[axis] != value.shape[axis] \
                     and new.shape[axis] >= ctx.past + ctx.length:
                 new = new.narrow(axis, ctx.past, ctx.length)  # this call's positions of a whole-sequence tensor
+            new = new.to(value.device)  # a placed model's layer may sit on another GPU than its inputs
         if not isinstance(new, torch.Tensor) or new.shape != value.shape or new.dtype != value.dtype \
                 or new.device != value.device:
             got = f"{new.dtype} {tuple(new.shape)} on {new.device}" if isinstance(new, torch.Tensor) else \
@@ -245,7 +247,7 @@ class BiasRouter(Intervention):
         return fn
 
     def edit(self, value, ctx):
-        return value + self.vector
+        return value + self.vector.to(value.device)
 
 
 class ForceRouting:
@@ -299,14 +301,15 @@ class ForceRouting:
             rows = rows[torch.isin(ctx.past + rows % ctx.length, wanted)]
         if rows.numel() == 0:
             return None
+        index = self.index.to(rows.device)  # a placed model's layer may sit on another GPU than its inputs
         if self.weights is None:  # the router's probabilities, ordered by weight as top-k orders them
-            w = r.probs[rows][:, self.index]  # (n, k')
+            w = r.probs[rows][:, index]  # (n, k')
             w, order = w.sort(dim=-1, descending=True, stable=True)
-            chosen = self.index[order]
+            chosen = index[order]
             if self.moe.norm_topk_prob:
                 w = w / w.sum(dim=-1, keepdim=True)
         else:
-            w, chosen = self.fixed.expand(len(rows), -1), self.index.expand(len(rows), -1)
+            w, chosen = self.fixed.to(rows.device).expand(len(rows), -1), index.expand(len(rows), -1)
         k = max(r.topk_indices.shape[1], chosen.shape[1])
         idx = _pad(r.topk_indices, k, r.topk_indices[:, :1])  # unused slots: weight 0
         weights = _pad(r.topk_weights, k, torch.zeros_like(r.topk_weights[:, :1]))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoints.placement import parameter
 from .trace import trace
 
 
@@ -58,7 +59,11 @@ def direct_logit_attribution(model, tr, token_id: int, position: int = -1, batch
     cfg = model.config
     L = cfg.num_hidden_layers
     final = tr.block(L - 1, "resid_post")[batch, position].float()  # (H,)
-    u = model.lm_head.weight[token_id].float() * model.model.norm.weight.float()  # unembedding . final gain
+
+    def weight(name):  # fp32 next to the trace, also where a placed model offloads it
+        return parameter(model, name).float().to(final.device)
+
+    u = weight("lm_head.weight")[token_id] * weight("model.norm.weight")  # unembedding . final gain
     s = _rms_scale(final, cfg.rms_norm_eps)
 
     def score(c: torch.Tensor) -> float:
@@ -67,13 +72,13 @@ def direct_logit_attribution(model, tr, token_id: int, position: int = -1, batch
     parts = {"embeddings": score(tr.block(0, "resid_pre")[batch, position])}
     outputs = tr.expert_outputs if cfg.is_moe else {}
     routing = tr.routing if cfg.is_moe else {}
-    for layer, blk in enumerate(model.model.layers):
+    for layer in range(L):
         parts[f"layer {layer} attention"] = score(tr.block(layer, "attn_out")[batch, position])
         if not cfg.is_moe:
             parts[f"layer {layer} mlp"] = score(tr.block(layer, "ffn_out")[batch, position])
             continue
         z = tr.block(layer, "ffn_raw")[batch, position]
-        scale = _rms_scale(z, cfg.rms_norm_eps) * blk.post_feedforward_layernorm.weight.float()
+        scale = _rms_scale(z, cfg.rms_norm_eps) * weight(f"model.layers.{layer}.post_feedforward_layernorm.weight")
         S = tr.token_ids.shape[1]
         row = batch * S + (position % S)
         r = routing[layer]

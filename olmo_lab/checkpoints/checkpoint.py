@@ -146,14 +146,17 @@ def _shown(names: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- loading
-def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                revision: str | None = None, experts: list | None = None, expert_names: list[str] | None = None,
-               progress: bool | None = None) -> OlmoModel:
+               progress: bool | None = None, device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | os.PathLike | None = None) -> OlmoModel:
     """Load an OLMo 2 / OLMo 3 / FlexOlmo checkpoint from a directory or a hub repo id.
 
     dtype: the parameter dtype, torch.float32, torch.bfloat16 or torch.float16 (or its name; default: the
         checkpoint's `dtype` field, else its tensors' dtype); RoPE tables always stay fp32.
-    device: "cpu", "cuda", "cuda:N" or "mps" (or a torch.device); it must exist on this machine.
+    device: "cpu" (the default), "cuda", "cuda:N" or "mps" (or a torch.device); it must exist on this machine.
+    device_map, max_memory, offload_folder: spread the model over GPUs, CPU memory and disk instead
+        (device_map="auto" or {module: place}; needs accelerate); see olmo_lab.checkpoints.placement.
     revision: a branch, tag or commit of a hub repo (hub repo ids only).
     experts: FlexOlmo only; names or indices of the experts to keep. Only their tensors are read,
         and the result equals loading everything and opting the others out.
@@ -164,7 +167,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor), also where
     they appear only once cast to `dtype` (1e6 in float16).
     """
-    target, device = _parse_dtype(dtype), _parse_device(device)
+    placer = _placer(device, device_map, max_memory, offload_folder)
+    target, device = _parse_dtype(dtype), _parse_device("cpu" if device is None else device)
     _check_arguments(revision, experts, expert_names, progress)
     directory = resolve_checkpoint(path_or_repo_id, revision)
     from_hub = not os.path.isdir(os.fspath(path_or_repo_id))
@@ -187,7 +191,7 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    readers, state = {}, {}
+    readers, state, tensor = {}, {}, None
     try:
         for path in files:
             readers[path] = SafetensorsFile(path)
@@ -197,21 +201,30 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         if target is None:
             target = DTYPES.get(config.dtype) or _stored_dtype(readers, plan)
         show = progress if progress is not None else sum(os.path.getsize(p) for p in files) > PROGRESS_BYTES
+        if placer is not None:
+            placer.plan(model, target, plan)
         for name, source in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
-            state[name] = _finite(name, source.read(readers).to(device=device, dtype=target),
-                                  readers[source.path].dtype(source.tensor))
+            tensor = _finite(name, source.read(readers).to(device=device if placer is None else placer.device_for(name),
+                                                           dtype=target), readers[source.path].dtype(source.tensor))
+            if placer is None or placer.keep(name, tensor):  # else it waits on disk or in CPU memory
+                state[name] = tensor
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        if placer is not None:
+            placer.dispatch(model)
     except BaseException:
         # The traceback keeps this frame alive (Jupyter keeps the last one): drop the weights read so
-        # far and the model shell, so a failed load holds no memory and leaves nothing half-built.
+        # far and the model shell, so a failed load holds no memory and leaves nothing half-built
+        # (nor offloaded weights on disk).
         state.clear()
-        del model
+        if placer is not None:
+            placer.discard()
+        del model, tensor
         raise
     finally:
         for reader in readers.values():
             reader.close()
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     model.config = _with(model.config, dtype=_dtype_name(target))
     model.source = directory
     return model.eval()
@@ -278,6 +291,14 @@ def _parse_device(device) -> torch.device:
     elif device.type != "cpu":
         raise InputError(f"device: {device.type!r} devices are not supported (use 'cpu', 'cuda' or 'mps')")
     return device
+
+
+def _placer(device, device_map, max_memory, offload_folder):
+    """The placement of a load over several devices and disk (None for one device), its arguments checked."""
+    if device_map is None and max_memory is None and offload_folder is None:
+        return None
+    from .placement import Placer  # placement needs accelerate, an optional dependency
+    return Placer.from_arguments(device, device_map, max_memory, offload_folder)
 
 
 def _check_arguments(revision, experts, expert_names, progress) -> None:
@@ -417,6 +438,9 @@ def save_model(model: OlmoModel, directory: str | os.PathLike, *, max_shard_size
     """
     directory = os.fspath(directory)
     limit = _parse_size(max_shard_size)
+    if any(p.is_meta for p in model.parameters()):
+        raise InputError("save_model: this model's weights are offloaded (model.placement: on disk, or in CPU memory "
+                         "for a GPU), not in its parameters; load it without device_map= to save it")
     os.makedirs(directory, exist_ok=True)
     config = model.config.replace(dtype=_dtype_name(model.dtype))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -36,6 +36,11 @@ class AttentionMask:
     kv_start: int
     kv_len: int
 
+    def to(self, device, non_blocking: bool = False) -> "AttentionMask":
+        """The mask on another device (a layer placed on another GPU gets it there)."""
+        allowed = None if self.allowed is None else self.allowed.to(device, non_blocking=non_blocking)
+        return AttentionMask(allowed, self.kv_start, self.kv_len)
+
 
 def build_mask(batch: int, q_len: int, past: int, window: int | None,
                padding: torch.Tensor | None, device) -> AttentionMask:

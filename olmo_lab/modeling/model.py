@@ -29,6 +29,10 @@ class ModelOutput:
     logits: torch.Tensor  # (B, S, V), or the last `logits_to_keep` positions
     cache: KVCache | None = None
 
+    def to(self, device) -> "ModelOutput":
+        """The logits on `device` (a placed model returns them next to its inputs); the cache stays put."""
+        return ModelOutput(self.logits.to(device), self.cache)
+
 
 class Block(nn.Module):
     """Post-norm ("reordered norm") block: the norms sit on the outputs, not the inputs.
@@ -72,6 +76,8 @@ class Transformer(nn.Module):
 
 class OlmoModel(nn.Module):
     """An OLMo 2 / OLMo 3 / FlexOlmo causal language model."""
+
+    placement = None  # a checkpoints.placement.Placement when load_model spread it over devices and disk
 
     def __init__(self, config: OlmoConfig):
         super().__init__()
@@ -240,7 +246,8 @@ class OlmoModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where inputs go: the device of the weights, or a placed model's main device."""
+        return self.lm_head.weight.device if self.placement is None else self.placement.main_device
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
