@@ -9,8 +9,7 @@ from olmo_lab import plots
 from olmo_lab.errors import ExpertError, InputError
 from olmo_lab.lens import expert_usage
 from olmo_lab.trace import trace
-from olmo_lab.errors import InputError
-from olmo_lab.widgets import (AttentionExplorer, AttentionExplorerState, ExpertSwitchboard, PatchingExplorer,
+from olmo_lab.widgets import (VIEW, AttentionExplorer, AttentionExplorerState, ExpertSwitchboard, PatchingExplorer,
                               PatchingExplorerState, SwitchboardState)
 from oracle import char_tokenizer, flex_config, make_checkpoint, olmo3_config
 
@@ -149,6 +148,28 @@ def test_attention_explorer(olmo3, capsys):
     assert "layer 3 head 0" in capsys.readouterr().out and "sees keys 0..10" in ex.text.value
     ex.head.value = 1
     assert "layer 3 head 1" in capsys.readouterr().out
+
+
+def test_attention_explorer_on_a_long_prompt_shows_a_view_that_follows_the_query(olmo3):
+    model, tok = olmo3
+    prompt = "".join(chr(97 + (i * 7) % 26) for i in range(100))  # 100 tokens, more than VIEW
+    state = AttentionExplorerState(model, tok, prompt)
+    n = len(state.tokens)
+    whole = state.probs()
+    for layer, query in [(3, 70), (0, 70), (3, 5), (3, n - 1)]:
+        state.select(layer=layer, head=1, query=query)
+        (q0, q1), (k0, k1) = state.view()
+        assert q1 - q0 == VIEW and q0 <= query < q1 and k1 == q1 and k1 - k0 <= VIEW + VIEW // 2
+        assert k0 == (max(0, q0 - 3) if layer == 0 else q0)  # sliding window 4: the band of these queries
+        fig = state.figure()
+        ax = fig.axes[0]
+        shown = torch.tensor(ax.images[0].get_array().data)
+        assert torch.equal(shown, state.trace.pattern(layer, heads=1)[0, 0, q0:q1, k0:k1])  # exactly the pattern
+        assert len(ax.get_xticklabels()) == k1 - k0 and len(ax.get_yticklabels()) == VIEW
+        assert [p.get_y() + 0.5 for p in ax.patches] == [query - q0]  # the chosen query's row, outlined
+        assert f"shown: queries {q0}..{q1 - 1}" in state.summary()
+        matplotlib.pyplot.close(fig)
+    assert whole.shape == (n, n)
 
 
 def test_patching_explorer(flex, capsys):

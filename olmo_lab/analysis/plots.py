@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 EXPERT_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
                  "#CCB974", "#64B5CD"]
@@ -33,24 +33,32 @@ def _label(tokens: list[str], limit: int = 12) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- attention
 def attention_heatmap(probs: torch.Tensor, tokens: list[str], window: int | None = None, title: str = "",
-                      ax=None) -> Figure:
-    """One head's attention (queries x keys) with token labels; the sliding-window band is outlined."""
+                      ax=None, first_query: int = 0, first_key: int = 0, highlight: int | None = None) -> Figure:
+    """One head's attention (queries x keys) with token labels; the sliding-window band is outlined.
+
+    probs (Q, K) may be a view into a long prompt: its rows are queries first_query.., its columns keys
+    first_key.. of `tokens`; `highlight` (a query index) outlines that query's row.
+    """
     probs = probs.detach().float().cpu()
-    n = probs.shape[0]
-    fig = ax.figure if ax is not None else plt.figure(figsize=(0.32 * n + 2.5, 0.32 * n + 1.8))
+    nq, nk = probs.shape
+    fig = ax.figure if ax is not None else plt.figure(figsize=(0.32 * nk + 2.5, 0.32 * nq + 1.8))
     ax = ax or fig.add_subplot()
     im = ax.imshow(probs.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    labels = _label(tokens[:n])
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
+    ax.set_xticks(range(nk), _label(tokens[first_key:first_key + nk]), rotation=90, fontsize=7)
+    ax.set_yticks(range(nq), _label(tokens[first_query:first_query + nq]), fontsize=7)
+    view = first_query or first_key or nq < len(tokens) or nk < len(tokens)
+    ax.set_xlabel(f"key (tokens {first_key}..{first_key + nk - 1} of {len(tokens)})" if view else "key")
+    ax.set_ylabel(f"query (tokens {first_query}..{first_query + nq - 1})" if view else "query")
     if window:  # each query sees keys q-W+1 .. q: outline that band
-        qs = torch.arange(n + 1)
-        ax.plot(qs - 0.5, qs - 0.5, color="#C44E52", lw=1)
-        ax.plot((qs - window + 1).clamp(min=0) - 0.5, qs - 0.5, color="#C44E52", lw=1, ls="--",
-                label=f"sliding window W={window}")
+        qs = torch.arange(first_query, first_query + nq + 1)
+        ax.plot(qs - first_key - 0.5, qs - first_query - 0.5, color="#C44E52", lw=1)
+        ax.plot((qs - window + 1).clamp(min=0) - first_key - 0.5, qs - first_query - 0.5, color="#C44E52", lw=1,
+                ls="--", label=f"sliding window W={window}")
+        ax.set_xlim(-0.5, nk - 0.5)
+        ax.set_ylim(nq - 0.5, -0.5)
         ax.legend(loc="upper right", fontsize=7)
+    if highlight is not None and first_query <= highlight < first_query + nq:
+        ax.add_patch(Rectangle((-0.5, highlight - first_query - 0.5), nk, 1, fill=False, ec="#DD8452", lw=2))
     ax.set_title(title or ("sliding-window layer" if window else "full-attention layer"), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return fig

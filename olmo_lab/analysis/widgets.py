@@ -197,6 +197,9 @@ class ExpertSwitchboard(_WidgetView):
 
 
 # ---------------------------------------------------------------------------------------- attention explorer
+VIEW = 40  # queries and keys the attention explorer shows at once (readable labels on a long prompt)
+
+
 class AttentionExplorerState:
     """A traced prompt and a (layer, head, query token) selection."""
 
@@ -226,14 +229,28 @@ class AttentionExplorerState:
                 setattr(self, name, value)
 
     def figure(self):
-        """The heatmap of the selected layer and head."""
-        probs = self.probs()
+        """The heatmap of the selected layer and head: on a long prompt, a view of VIEW queries around the
+        chosen one and the keys up to the last of them (on a sliding-window layer, with the band before them)."""
+        (q0, q1), (k0, k1) = self.view()
         window = self.model.config.window(self.layer)
         kind = f"sliding window {window}" if window else "full attention"
-        return attention_heatmap(probs, self.tokens, window, title=f"layer {self.layer}, head {self.head} ({kind})")
+        return attention_heatmap(self.probs()[q0:q1, k0:k1] if len(self.tokens) <= VIEW else
+                                 self.trace.pattern(self.layer, heads=self.head, queries=slice(q0, q1),
+                                                    keys=slice(k0, k1), batch=0)[0, 0],
+                                 self.tokens, window, title=f"layer {self.layer}, head {self.head} ({kind})",
+                                 first_query=q0, first_key=k0, highlight=self.query)
+
+    def view(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(first, end) of the queries and of the keys the figure shows; everything on a short prompt."""
+        n = len(self.tokens)
+        q0 = min(max(0, self.query - VIEW // 2), max(0, n - VIEW))
+        q1 = min(n, q0 + VIEW)
+        window = self.model.config.window(self.layer)
+        band = min(window - 1, VIEW // 2) if window else 0  # a sliding layer's first rows see keys before q0
+        return (q0, q1), (max(0, q0 - band), q1)
 
     def probs(self) -> torch.Tensor:
-        """(Q, K) the selected head's attention, computed from the trace when asked."""
+        """(Q, K) the selected head's whole attention, computed from the trace when asked."""
         return self.trace.pattern(self.layer, heads=self.head, batch=0)[0, 0]
 
     def summary(self) -> str:
@@ -243,8 +260,13 @@ class AttentionExplorerState:
         window = self.model.config.window(self.layer)
         seen = f"sees keys {max(0, self.query - window + 1)}..{self.query}" if window else f"sees keys 0..{self.query}"
         keys = ", ".join(f"{self.tokens[k]!r} {p:.2f}" for p, k in zip(top.values.tolist(), top.indices.tolist()))
-        return (f"layer {self.layer} head {self.head} (kv head {self.trace.kv_heads()[self.head]}), query "
+        text = (f"layer {self.layer} head {self.head} (kv head {self.trace.kv_heads()[self.head]}), query "
                 f"{self.query} {self.tokens[self.query]!r} {seen}; top keys: {keys}")
+        (q0, q1), (k0, k1) = self.view()
+        if (q0, q1, k0, k1) != (0, len(self.tokens), 0, len(self.tokens)):
+            text += (f"; shown: queries {q0}..{q1 - 1}, keys {k0}..{k1 - 1} (this query's attention outside "
+                     f"them: {float(row[:k0].sum()):.2f})")
+        return text
 
 
 class AttentionExplorer(_WidgetView):
