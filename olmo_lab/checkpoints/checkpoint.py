@@ -26,10 +26,12 @@ from tqdm.auto import tqdm
 from . import hub
 from ..modeling.config import RELEASED_7X7B_EXPERTS, OlmoConfig
 from ..errors import (CheckpointError, InputError, ConfigError, CorruptCheckpointError, ExpertError,
-                     MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError, brief)
+                     MissingTensorError, QuantizationError, ShapeMismatchError, UnexpectedTensorError,
+                     UnsafeCheckpointError, brief)
 from ..modeling.experts import resolve_experts
 from .json_file import read_json
 from ..modeling.model import OlmoModel
+from ..modeling.quantized import QuantizedLinear, Quantizer
 from .safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,7 +150,7 @@ def _shown(names: list[str]) -> str:
 # ---------------------------------------------------------------------------------------- loading
 def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                revision: str | None = None, experts: list | None = None, expert_names: list[str] | None = None,
-               progress: bool | None = None) -> OlmoModel:
+               progress: bool | None = None, quantize: str | None = None, group_size: int | None = None) -> OlmoModel:
     """Load an OLMo 2 / OLMo 3 / FlexOlmo checkpoint from a directory or a hub repo id.
 
     dtype: the parameter dtype, torch.float32, torch.bfloat16 or torch.float16 (or its name; default: the
@@ -163,9 +165,15 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     byte range) before any tensor data is read or allocated.
     Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor), also where
     they appear only once cast to `dtype` (1e6 in float16).
+    quantize: "int8" or "int4" (needs torchao): weight-only quantization of every linear layer but the
+        router, each matrix as it is read; `dtype` then defaults to bfloat16. group_size: int4's group of
+        input columns (default 128). See olmo_lab.quantized; `model.quantization` reports what was done.
     """
     target, device = _parse_dtype(dtype), _parse_device(device)
     _check_arguments(revision, experts, expert_names, progress)
+    quantizer = Quantizer.parse(quantize, group_size, device, target)
+    if quantizer is not None:
+        target = quantizer.dtype
     directory = resolve_checkpoint(path_or_repo_id, revision)
     from_hub = not os.path.isdir(os.fspath(path_or_repo_id))
     config = OlmoConfig.from_json(directory)
@@ -187,6 +195,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    if quantizer is not None:
+        quantizer.check(expected, config.tie_word_embeddings)
     readers, state = {}, {}
     try:
         for path in files:
@@ -200,6 +210,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         for name, source in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
             state[name] = _finite(name, source.read(readers).to(device=device, dtype=target),
                                   readers[source.path].dtype(source.tensor))
+            if quantizer is not None and quantizer.quantizes(name, config.tie_word_embeddings):
+                state[name] = quantizer.quantize(state[name])  # the full-precision matrix is dropped here
     except BaseException:
         # The traceback keeps this frame alive (Jupyter keeps the last one): drop the weights read so
         # far and the model shell, so a failed load holds no memory and leaves nothing half-built.
@@ -209,9 +221,12 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     finally:
         for reader in readers.values():
             reader.close()
+    quantized = {name: state.pop(name) for name in [n for n, t in state.items() if isinstance(t, QuantizedLinear)]}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if quantizer is not None:
+        model.quantization = quantizer.install(model, quantized)
     model.config = _with(model.config, dtype=_dtype_name(target))
     model.source = directory
     return model.eval()
@@ -415,6 +430,10 @@ def save_model(model: OlmoModel, directory: str | os.PathLike, *, max_shard_size
     Files are written under temporary names and renamed only once all are complete, so a failure leaves
     the directory's files as they were.
     """
+    if getattr(model, "quantization", None) is not None:
+        raise QuantizationError(f"save_model: this model is quantized ({model.quantization.scheme}); olmo-lab saves "
+                                f"full-precision checkpoints only. Save the original, and load it with "
+                                f"quantize={model.quantization.scheme!r}")
     directory = os.fspath(directory)
     limit = _parse_size(max_shard_size)
     os.makedirs(directory, exist_ok=True)

@@ -84,6 +84,7 @@ class OlmoModel(nn.Module):
         self.toggles_changed()
         self.hooks = HookRegistry(self)  # every named hook point; see olmo_lab.hooks
         self._interventions: tuple = ()  # ids of the active interventions: part of the KV-cache key
+        self.quantization = None  # what load_model(quantize=...) quantized: olmo_lab.quantized.Quantization
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
