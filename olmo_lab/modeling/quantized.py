@@ -10,10 +10,12 @@ Which kernel runs, per device, and why. Measured over the ~150M OLMo 3's matrice
 products on 2 CPU threads (passes/s): fp32 17.5, bf16 37.5, torchao's Int8WeightOnlyConfig linear 16.4
 (it converts the whole int8 matrix to the activation dtype on every call, so it is slower than bf16),
 torch's `torch._weight_int8pack_mm` ~73 (reads the int8 bytes directly), torchao's CPU int4 layout ~110.
-- CPU, int8: torchao computes the int8 values and scales; `torch._weight_int8pack_mm` multiplies with them.
-- CPU, int4: torchao's CPU layout `PrototypeInt4WeightOnlyConfig` (Int4OpaqueTensor, torch's
-  `_weight_int4pack_mm_for_cpu`); it needs output rows in multiples of 16, so other matrices (a vocabulary
-  of 100278) are padded with zero rows and the output is cut back.
+- CPU, int8 ("int8pack"): torchao's config computes the int8 values and scales; torch's
+  `_weight_int8pack_mm` multiplies with them.
+- CPU, int4 ("int4pack"): torchao's CPU layout `PrototypeInt4WeightOnlyConfig` (an Int4OpaqueTensor), whose
+  product is torch's `_weight_int4pack_mm_for_cpu`, called directly (torchao's Python dispatch to it costs
+  time on every call). It packs output rows in multiples of 16, so other matrices (a vocabulary of 100278)
+  are padded with zero rows and the output is cut back.
 - CUDA, int8: torchao's Int8Tensor linear (fast under torch.compile). CUDA, int4: `Int4WeightOnlyConfig`
   in the "tile_packed_to_4d" format, which runs torch's own tinygemm kernel (bf16, compute capability
   >= 8.0); torchao's default "plain" format needs a separate CUDA-only kernel package.
@@ -97,13 +99,20 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("row_scale", weight.scale.flatten().to(weight.dtype), persistent=False)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) @ W^T -> (..., out) through the chosen kernel, without the bias and without autograd."""
+        """x (..., in) @ W^T -> (..., out) through the chosen kernel, without the bias and without autograd.
+
+        On CPU the torch kernels are called directly with torchao's tensors: torchao's own dispatch to
+        the same kernel costs Python time on every call, which decoding small models notices.
+        """
+        w, x2 = self.weight, x.reshape(-1, self.in_features).contiguous()  # (T, in)
         if self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight.qdata,
-                                          self.row_scale).view(*x.shape[:-1], -1)  # (T, in) -> (..., out)
+            y = torch._weight_int8pack_mm(x2, w.qdata, self.row_scale)
+        elif self.kernel == "int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.qdata, w.block_size[1], w.scale_and_zero)
         else:
-            y = F.linear(x, self.weight)
-        return y[..., :self.out_features] if y.shape[-1] != self.out_features else y  # CPU int4's padding rows
+            y = F.linear(x2, w)
+        y = y[:, :self.out_features] if y.shape[-1] != self.out_features else y  # CPU int4's padding rows
+        return y.view(*x.shape[:-1], self.out_features) if y.is_contiguous() else y.reshape(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:  # attribution patching: gradients reach the input
@@ -186,7 +195,7 @@ class Quantizer:
     @property
     def kernel(self) -> str:
         if self.device.type == "cpu":
-            return "int8pack" if self.scheme == "int8" else "torchao int4 CPU layout"
+            return "int8pack" if self.scheme == "int8" else "int4pack"
         return "torchao int8" if self.scheme == "int8" else "torchao int4 tile_packed_to_4d"
 
     def check(self, shapes: dict[str, tuple], tied: bool) -> None:
@@ -207,7 +216,7 @@ class Quantizer:
         ao = _torchao()
         _release_freed_memory()  # the previous matrix's full-precision copy is gone by now
         rows = weight.shape[0]
-        if self.kernel == "torchao int4 CPU layout" and rows % CPU_INT4_ROWS:
+        if self.kernel == "int4pack" and rows % CPU_INT4_ROWS:
             weight = F.pad(weight, (0, 0, 0, -rows % CPU_INT4_ROWS))  # zero rows, cut from the output again
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
