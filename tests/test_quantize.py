@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import olmo_lab
+from olmo_lab.lens import direct_logit_attribution
 from olmo_lab.patching import attribution_patch
 from olmo_lab.lab import samples
 from olmo_lab.quantized import QuantizedLinear
@@ -219,6 +220,19 @@ def test_trace_interventions_and_generate_on_a_quantized_model(flex):
     assert tokens == seq[ids.shape[1]:]
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_direct_logit_attribution_sums_to_the_logit_with_a_quantized_lm_head(flex, scheme):
+    model = olmo_lab.load_model(flex, quantize=scheme, dtype=torch.float32, group_size=32 if scheme == "int4" else None)
+    head = model.lm_head
+    assert torch.equal(torch.stack([head.weight_row(t) for t in (0, 5, 127)]), head.dequantized()[[0, 5, 127]])
+    ids = _ids(batch=1)
+    with olmo_lab.trace(model, attention=False, residual=True) as tr, torch.no_grad():
+        logits = model(ids).logits
+    token = int(logits[0, -1].argmax())
+    att = direct_logit_attribution(model, tr, token)
+    assert abs(att.logit - logits[0, -1, token].item()) <= 1e-5 and abs(att.total - att.logit) <= 1e-4
+
+
 def _metric(logits):
     return logits[0, -1, 5] - logits[0, -1, 7]
 
@@ -232,11 +246,18 @@ def test_attribution_patching_gradients_flow_through_quantized_layers(dense):
     assert ours.scores.abs().max() > 0
 
 
-def test_save_refuses_a_quantized_model_and_writes_nothing(dense, tmp_path):
+def test_save_and_dtype_changes_are_refused_and_change_nothing(dense, tmp_path):
     model = olmo_lab.load_model(dense, quantize="int8")
     with pytest.raises(olmo_lab.QuantizationError, match="quantized"):
         olmo_lab.save_model(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    before = {k: v.clone() for k, v in model.model.state_dict().items() if type(v) is torch.Tensor}
+    for convert in (lambda m: m.to(torch.float32), lambda m: m.float(), lambda m: m.to("meta")):
+        with pytest.raises(olmo_lab.QuantizationError, match="load it again"):
+            convert(model)
+    after = {k: v for k, v in model.model.state_dict().items() if type(v) is torch.Tensor}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.to("cpu") is model and model.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------- bad input

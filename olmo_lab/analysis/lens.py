@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..modeling.quantized import QuantizedLinear
 from .trace import trace
 
 
@@ -58,7 +59,9 @@ def direct_logit_attribution(model, tr, token_id: int, position: int = -1, batch
     cfg = model.config
     L = cfg.num_hidden_layers
     final = tr.block(L - 1, "resid_post")[batch, position].float()  # (H,)
-    u = model.lm_head.weight[token_id].float() * model.model.norm.weight.float()  # unembedding . final gain
+    head = model.lm_head  # a quantized lm_head gives the row its kernel multiplies with
+    row = head.weight_row(token_id) if isinstance(head, QuantizedLinear) else head.weight[token_id]
+    u = row.float() * model.model.norm.weight.float()  # unembedding . final gain
     s = _rms_scale(final, cfg.rms_norm_eps)
 
     def score(c: torch.Tensor) -> float:

@@ -126,6 +126,19 @@ class QuantizedLinear(nn.Module):
         eye = torch.eye(self.in_features, dtype=self.weight.dtype, device=self.weight.device)
         return self.product(eye).t().contiguous()
 
+    def weight_row(self, index: int) -> torch.Tensor:
+        """Row `index` (in,) of the weight the kernel multiplies with (an unembedding, for logit attribution).
+
+        int8: its values times its scale. int4's packed layouts keep no row apart: the row comes out of
+        products with the identity, 256 columns at a time (O(in^2 x out): instant on the lab models, seconds
+        on a 7B's lm_head).
+        """
+        w = self.weight
+        if self.kernel in ("int8pack", "torchao int8"):
+            return w.qdata[index].to(w.dtype) * w.scale.flatten()[index].to(w.dtype)
+        eye = torch.eye(self.in_features, dtype=w.dtype, device=w.device)
+        return torch.cat([self.product(block)[:, index] for block in eye.split(256)])
+
     @property
     def nbytes(self) -> int:
         """Bytes held: quantized values, scales and zero points (and the row scales of the int8 kernel)."""
@@ -251,6 +264,17 @@ class Quantizer:
         report.kept = ["model.embed_tokens"] + (["lm_head"] if tied else []) + \
             [f"model.layers.{i}.mlp.gate" for i in range(model.config.num_hidden_layers) if model.config.is_moe]
         return report
+
+
+def check_conversion(model: nn.Module, fn) -> None:
+    """Refuse `model.to(...)`, `.float()`, ... that would change a quantized model's dtype or device, before
+    anything changes: the packed layouts belong to one device and activation dtype."""
+    probe = torch.empty(0, dtype=model.dtype, device=model.device)
+    after = fn(probe)
+    if isinstance(after, torch.Tensor) and (after.dtype, after.device) != (probe.dtype, probe.device):
+        raise QuantizationError(f"this model is quantized ({model.quantization.scheme}) for {probe.dtype} on "
+                                f"{probe.device}; to get {after.dtype} on {after.device}, load it again with "
+                                f"dtype= and device= (and quantize=)")
 
 
 def _release_freed_memory() -> None:
