@@ -281,6 +281,19 @@ def test_bad_quantization_arguments_fail_before_anything_is_read(dense, monkeypa
     assert reads == []
 
 
+@pytest.mark.parametrize("device,scheme,dtype,match", [
+    ("cuda", "int4", torch.float32, "tinygemm kernel, which takes bfloat16 only"),
+    ("cuda", "int4", None, None),  # bfloat16 by default; then the device's compute capability is asked
+    ("mps", "int8", None, "runs on 'cpu' and 'cuda' devices"),
+])
+def test_devices_and_dtypes_the_kernels_cannot_take_are_refused(monkeypatch, device, scheme, dtype, match):
+    """The device checks themselves (no GPU needed: load_model first checks the device exists)."""
+    from olmo_lab.quantized import Quantizer
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(olmo_lab.QuantizationError, match=match or "compute capability >= 8.0"):
+        Quantizer.parse(scheme, None, torch.device(device), dtype)
+
+
 def test_missing_torchao_is_a_clear_error_and_the_library_works_without_it(dense):
     script = r"""
 import sys, importlib.abc

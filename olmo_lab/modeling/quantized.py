@@ -26,7 +26,9 @@ What is quantized: q/k/v/o of every attention, the dense MLP, every expert of ev
 lm_head (read in full for every decoded token: a third of the ~150M model's bytes). Kept in the model
 dtype: the token embeddings (a lookup reads one row per token, so quantizing them saves memory, not
 time), norms, a tied lm_head (it is the embedding), and the router: a tiny (E, H) matrix whose logit
-differences decide the top-k, so quantizing it would change routing decisions to save almost nothing.
+differences decide the top-k. On flexolmo-lab (10 held-out samples x 100 tokens) top-1 routing agrees with
+bf16 for 99.5% (int8) and 96.4% (int4) of token-layers with the router kept, 99.1% and 92.0% with it
+quantized too, which would save 2.5 KiB a layer.
 `model.quantization` reports what was quantized and the bytes. A quantized model cannot be saved.
 """
 
