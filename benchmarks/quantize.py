@@ -3,6 +3,7 @@ with torchao's same int8 scheme, in one run.
 
     python benchmarks/quantize.py            # the ~150M OLMo 3, 128 new tokens; writes quantize_results.json
     python benchmarks/quantize.py --quick    # a smaller model, 16 tokens (a smoke test)
+    python benchmarks/quantize.py --tokens 16 --repeats 1   # the ~150M model, briefly
 
 Targets (issue 19): int8 >= 3x fp32 and >= 1.2x transformers + torchao int8; int4 >= 4x fp32. Figures are
 medians over repeats, reported as ratios measured in the same run; never asserted.
@@ -41,10 +42,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller model, fewer tokens and repeats")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens per decode (default 128, --quick 16)")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
-    new_tokens = 16 if args.quick else 128
+    new_tokens = args.tokens or (16 if args.quick else 128)
     results = {"model": MODEL, "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__,
                "new tokens": new_tokens, "decode b1 tok/s": {}, "weight bytes": {}}
     with tempfile.TemporaryDirectory() as tmp:
