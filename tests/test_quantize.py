@@ -66,6 +66,17 @@ def test_int8_logits_match_transformers_with_torchao_int8(dense, dtype, tol, mea
     assert (mine.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.95
 
 
+def test_int8_with_attention_biases_matches_transformers(tmp_path):
+    from torchao.quantization import Int8WeightOnlyConfig
+    path = make_checkpoint(olmo3_config(attention_bias=True, **DIMS), tmp_path)
+    config = transformers.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
+    ours = olmo_lab.load_model(path, quantize="int8", dtype=torch.float32)
+    assert ours.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        assert max_diff(ours(_ids()).logits, hf(_ids()).logits) <= 2e-5
+
+
 def test_int4_equals_its_dequantized_weights_and_each_group_rounds_to_its_nearest_step(dense):
     """int4 (groups of 32, fp32 activations) computes what fp32 computes with the dequantized weights, up to
     rounding (1e-4 on logits of size ~5); each weight lies within half a step (group range / 15) of the original."""

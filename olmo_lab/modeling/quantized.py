@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -91,11 +92,11 @@ def _kinds(names: list[str]) -> list[str]:
 class QuantizedLinear(nn.Module):
     """A bias-optional linear layer whose weight is a torchao quantized tensor (out_features, in_features)."""
 
-    def __init__(self, weight: torch.Tensor, out_features: int, bias: torch.Tensor | None, kernel: str):
+    def __init__(self, weight: torch.Tensor, out_features: int, kernel: str):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], out_features  # weight may have padding rows
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.bias = None  # an attention bias (attention_bias=True), in the activation dtype: set by install()
         self.kernel = kernel
         if kernel == "int8pack":  # torch's kernel takes one scale per row in the activation dtype
             self.register_buffer("row_scale", weight.scale.flatten().to(weight.dtype), persistent=False)
@@ -114,7 +115,7 @@ class QuantizedLinear(nn.Module):
         else:
             y = F.linear(x2, w)
         y = y[:, :self.out_features] if y.shape[-1] != self.out_features else y  # CPU int4's padding rows
-        return y.view(*x.shape[:-1], self.out_features) if y.is_contiguous() else y.reshape(*x.shape[:-1], -1)
+        return y.reshape(*x.shape[:-1], self.out_features)  # (T, out) -> (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:  # attribution patching: gradients reach the input
@@ -238,7 +239,7 @@ class Quantizer:
         ao.quantize_(linear, self._config(ao))
         if not isinstance(linear.weight, ao.TorchAOBaseTensor):  # torchao skips what it cannot take, silently
             raise QuantizationError(f"torchao left a {tuple(weight.shape)} matrix unquantized under {self.scheme}")
-        return QuantizedLinear(linear.weight.data, rows, None, self.kernel)
+        return QuantizedLinear(linear.weight.data, rows, self.kernel)
 
     def _config(self, ao):
         """torchao's weight-only configuration; no global torch.compile settings are changed."""
@@ -303,6 +304,11 @@ _LIBC = _glibc() if sys.platform.startswith("linux") else None
 
 def _torchao() -> SimpleNamespace:
     """The torchao names olmo-lab uses, imported only when a model is quantized (torchao is optional)."""
+    quiet = "torchao" not in sys.modules and not torch.cuda.is_available()
+    log = logging.getLogger("torchao")
+    level = log.level
+    if quiet:  # a CPU-only torch cannot load torchao's CUDA kernel libraries; torchao warns about each one
+        log.setLevel(logging.ERROR)
     try:
         quantization = importlib.import_module("torchao.quantization")
         int4 = importlib.import_module("torchao.prototype.quantization.int4")
@@ -310,6 +316,8 @@ def _torchao() -> SimpleNamespace:
     except ImportError as e:
         raise QuantizationError(f"quantize= needs torchao, which is not installed ({e}); install it with "
                                 f"pip install 'olmo-lab[quant]' (torchao==0.18.0)") from None
+    finally:
+        log.setLevel(level)
     return SimpleNamespace(quantize_=quantization.quantize_, Int8WeightOnlyConfig=quantization.Int8WeightOnlyConfig,
                            Int4WeightOnlyConfig=quantization.Int4WeightOnlyConfig,
                            PrototypeInt4WeightOnlyConfig=int4.PrototypeInt4WeightOnlyConfig,
