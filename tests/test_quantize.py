@@ -305,6 +305,26 @@ def test_devices_and_dtypes_the_kernels_cannot_take_are_refused(monkeypatch, dev
         Quantizer.parse(scheme, None, torch.device(device), dtype)
 
 
+def test_a_bad_tensor_late_in_the_load_leaves_no_quantized_layer_behind(dense, tmp_path, monkeypatch):
+    import gc
+    import shutil
+    import weakref
+    from safetensors.torch import load_file, save_file
+    from olmo_lab.quantized import Quantizer
+    shutil.copytree(dense, tmp_path / "ckpt")
+    state = load_file(tmp_path / "ckpt" / "model.safetensors")
+    state["lm_head.weight"][0, 0] = float("nan")  # lm_head comes last: every other layer is quantized by then
+    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    made, quantize = [], Quantizer.quantize
+    monkeypatch.setattr(Quantizer, "quantize", lambda self, w: made.append(weakref.ref(quantize(self, w))) or made[-1]())
+    with pytest.raises(olmo_lab.CorruptCheckpointError, match="'lm_head.weight' contains NaN") as info:
+        olmo_lab.load_model(tmp_path / "ckpt", quantize="int8")
+    assert len(made) == 28  # 4 layers x 7 matrices, then the NaN
+    del info
+    gc.collect()
+    assert all(r() is None for r in made)
+
+
 def test_missing_torchao_is_a_clear_error_and_the_library_works_without_it(dense):
     script = r"""
 import sys, importlib.abc
