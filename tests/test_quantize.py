@@ -325,22 +325,27 @@ def test_a_bad_tensor_late_in_the_load_leaves_no_quantized_layer_behind(dense, t
     assert all(r() is None for r in made)
 
 
-def test_missing_torchao_is_a_clear_error_and_the_library_works_without_it(dense):
+@pytest.mark.parametrize("blocked,message", [
+    ("torchao", "refused: quantize= needs torchao, which is not installed"),
+    ("torchao.prototype.quantization.int4", "refused: quantize= needs torchao 0.18 (pip install 'olmo-lab[quant]'); the installed"),
+])
+def test_missing_or_unusable_torchao_is_a_clear_error_and_the_library_works_without_it(dense, blocked, message):
     script = r"""
 import sys, importlib.abc
-class NoTorchao(importlib.abc.MetaPathFinder):
+class Blocked(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "torchao":
-            raise ImportError("No module named 'torchao'")
-sys.meta_path.insert(0, NoTorchao())
+        if name == sys.argv[2] or name.startswith(sys.argv[2] + "."):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, Blocked())
 import olmo_lab
 model = olmo_lab.load_model(sys.argv[1])  # unquantized loading never needs torchao
 try:
     olmo_lab.load_model(sys.argv[1], quantize="int4", group_size=32)
 except olmo_lab.QuantizationError as e:
     print("refused:", e)
-print("torchao" in sys.modules)
+print("imported torchao:", "torchao" in sys.modules)
 """
-    out = subprocess.run([sys.executable, "-c", script, str(dense)], capture_output=True, text=True, check=True).stdout
-    assert "refused: quantize= needs torchao" in out and "olmo-lab[quant]" in out
-    assert out.strip().endswith("False")
+    out = subprocess.run([sys.executable, "-c", script, str(dense), blocked], capture_output=True, text=True,
+                         check=True).stdout
+    assert message in out and "olmo-lab[quant]" in out
+    assert out.strip().endswith(str(blocked != "torchao"))

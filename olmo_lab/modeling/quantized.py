@@ -310,15 +310,20 @@ def _torchao() -> SimpleNamespace:
     if quiet:  # a CPU-only torch cannot load torchao's CUDA kernel libraries; torchao warns about each one
         log.setLevel(logging.ERROR)
     try:
-        quantization = importlib.import_module("torchao.quantization")
-        int4 = importlib.import_module("torchao.prototype.quantization.int4")
-        utils = importlib.import_module("torchao.utils")
+        torchao = importlib.import_module("torchao")
     except ImportError as e:
         raise QuantizationError(f"quantize= needs torchao, which is not installed ({e}); install it with "
                                 f"pip install 'olmo-lab[quant]' (torchao==0.18.0)") from None
     finally:
         log.setLevel(level)
-    return SimpleNamespace(quantize_=quantization.quantize_, Int8WeightOnlyConfig=quantization.Int8WeightOnlyConfig,
-                           Int4WeightOnlyConfig=quantization.Int4WeightOnlyConfig,
-                           PrototypeInt4WeightOnlyConfig=int4.PrototypeInt4WeightOnlyConfig,
-                           TorchAOBaseTensor=utils.TorchAOBaseTensor)
+    try:
+        quantization = importlib.import_module("torchao.quantization")
+        int4 = importlib.import_module("torchao.prototype.quantization.int4")
+        return SimpleNamespace(quantize_=quantization.quantize_,
+                               Int8WeightOnlyConfig=quantization.Int8WeightOnlyConfig,
+                               Int4WeightOnlyConfig=quantization.Int4WeightOnlyConfig,
+                               PrototypeInt4WeightOnlyConfig=int4.PrototypeInt4WeightOnlyConfig,
+                               TorchAOBaseTensor=importlib.import_module("torchao.utils").TorchAOBaseTensor)
+    except (ImportError, AttributeError) as e:
+        raise QuantizationError(f"quantize= needs torchao 0.18 (pip install 'olmo-lab[quant]'); the installed "
+                                f"torchao {getattr(torchao, '__version__', '?')} lacks what it uses ({e})") from None
