@@ -24,8 +24,8 @@ from .checkpoints.checkpoint import load_model, save_model
 from .modeling.config import OlmoConfig, RopeConfig
 from .errors import (CheckpointError, ClusterError, ConfigError, CorpusError, CorruptCheckpointError, ExpertError,
                      GenerationError, HookError, HubError, InputError, MissingTensorError, OlmoLabError,
-                     PlacementError, ShapeMismatchError, StaleCacheError, TokenizerError, UnexpectedTensorError,
-                     UnsafeCheckpointError)
+                     PlacementError, QuantizationError, ShapeMismatchError, StaleCacheError, TokenizerError,
+                     UnexpectedTensorError, UnsafeCheckpointError)
 from .checkpoints.compare import compare_with_transformers
 from .modeling.experts import experts_off
 from .modeling.generate import generate
@@ -41,7 +41,8 @@ __version__ = "0.1.0"
 
 # The flat public name of every module in a role folder (`olmo_lab.trace` and `olmo_lab.generate` name the
 # functions above; their modules keep those flat names for `from olmo_lab.trace import Trace`).
-ROLES = {"modeling": ["attention", "cache", "config", "experts", "generate", "mlp", "model", "moe", "norm", "rope"],
+ROLES = {"modeling": ["attention", "cache", "config", "experts", "generate", "mlp", "model", "moe", "norm", "quantized",
+                      "rope"],
          "checkpoints": ["chat_template", "checkpoint", "compare", "dolma2", "hub", "json_file", "placement",
                          "safetensors_file", "summary", "tokenizer"],
          "analysis": ["corpus", "corpus_plots", "corpus_ray", "heads", "hooks", "interventions", "lens", "patching",

@@ -86,3 +86,8 @@ class CorpusError(OlmoLabError, ValueError):
 
 class ClusterError(CorpusError, RuntimeError):
     """The Ray engine failed: the cluster address is unreachable, or a worker died and retries ran out."""
+
+
+class QuantizationError(OlmoLabError, ValueError):
+    """Quantization cannot be done as asked: an unknown scheme or group size, a device or dtype its kernels do not
+    take, torchao missing, or a quantized model asked to do what only a full-precision one can (be saved)."""

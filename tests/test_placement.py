@@ -319,3 +319,8 @@ def test_the_library_imports_and_loads_without_accelerate(dense):
             f"except olmo_lab.PlacementError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'olmo-lab[placement]'" in out
+
+
+def test_quantize_with_a_device_map_is_refused_before_anything_is_read(tmp_path):
+    with pytest.raises(PlacementError, match="quantize= with device_map="):
+        olmo_lab.load_model(tmp_path / "not-even-a-checkpoint", quantize="int8", device_map="auto")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoints.placement import parameter
+from ..modeling.quantized import QuantizedLinear
 from .trace import trace
 
 
@@ -63,7 +64,10 @@ def direct_logit_attribution(model, tr, token_id: int, position: int = -1, batch
     def weight(name):  # fp32 next to the trace, also where a placed model offloads it
         return parameter(model, name).float().to(final.device)
 
-    u = weight("lm_head.weight")[token_id] * weight("model.norm.weight")  # unembedding . final gain
+    head = model.lm_head  # a quantized lm_head gives the row its kernel multiplies with
+    row = head.weight_row(token_id).float().to(final.device) if isinstance(head, QuantizedLinear) else \
+        weight("lm_head.weight")[token_id]
+    u = row * weight("model.norm.weight")  # unembedding . final gain
     s = _rms_scale(final, cfg.rms_norm_eps)
 
     def score(c: torch.Tensor) -> float:

@@ -26,10 +26,12 @@ from tqdm.auto import tqdm
 from . import hub
 from ..modeling.config import RELEASED_7X7B_EXPERTS, OlmoConfig
 from ..errors import (CheckpointError, InputError, ConfigError, CorruptCheckpointError, ExpertError,
-                     MissingTensorError, ShapeMismatchError, UnexpectedTensorError, UnsafeCheckpointError, brief)
+                     MissingTensorError, PlacementError, QuantizationError, ShapeMismatchError, UnexpectedTensorError,
+                     UnsafeCheckpointError, brief)
 from ..modeling.experts import resolve_experts
 from .json_file import read_json
 from ..modeling.model import OlmoModel
+from ..modeling.quantized import QuantizedLinear, Quantizer
 from .safetensors_file import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,7 +150,8 @@ def _shown(names: list[str]) -> str:
 # ---------------------------------------------------------------------------------------- loading
 def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                revision: str | None = None, experts: list | None = None, expert_names: list[str] | None = None,
-               progress: bool | None = None, device_map: str | dict | None = None, max_memory: dict | None = None,
+               progress: bool | None = None, quantize: str | None = None, group_size: int | None = None,
+               device_map: str | dict | None = None, max_memory: dict | None = None,
                offload_folder: str | os.PathLike | None = None) -> OlmoModel:
     """Load an OLMo 2 / OLMo 3 / FlexOlmo checkpoint from a directory or a hub repo id.
 
@@ -166,10 +169,19 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     byte range) before any tensor data is read or allocated.
     Non-finite (NaN/Inf) weights are an error (CorruptCheckpointError naming the tensor), also where
     they appear only once cast to `dtype` (1e6 in float16).
+    quantize: "int8" or "int4" (needs torchao): weight-only quantization of every linear layer but the
+        router, each matrix as it is read; `dtype` then defaults to bfloat16. group_size: int4's group of
+        input columns (default 128). See olmo_lab.quantized; `model.quantization` reports what was done.
     """
+    if quantize is not None and device_map is not None:
+        raise PlacementError("quantize= with device_map= is not supported yet: load quantized on one device, or "
+                             "placed in full precision")
     placer = _placer(device, device_map, max_memory, offload_folder)
     target, device = _parse_dtype(dtype), _parse_device("cpu" if device is None else device)
     _check_arguments(revision, experts, expert_names, progress)
+    quantizer = Quantizer.parse(quantize, group_size, device, target)
+    if quantizer is not None:
+        target = quantizer.dtype
     directory = resolve_checkpoint(path_or_repo_id, revision)
     from_hub = not os.path.isdir(os.fspath(path_or_repo_id))
     config = OlmoConfig.from_json(directory)
@@ -191,6 +203,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    if quantizer is not None:
+        quantizer.check(expected, config.tie_word_embeddings)
     readers, state, tensor = {}, {}, None
     try:
         for path in files:
@@ -206,11 +220,16 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
         for name, source in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
             tensor = _finite(name, source.read(readers).to(device=device if placer is None else placer.device_for(name),
                                                            dtype=target), readers[source.path].dtype(source.tensor))
+            if quantizer is not None and quantizer.quantizes(name, config.tie_word_embeddings):
+                tensor = quantizer.quantize(tensor)  # the full-precision matrix is dropped here
             if placer is None or placer.keep(name, tensor):  # else it waits on disk or in CPU memory
                 state[name] = tensor
+        quantized = {name: state.pop(name) for name in [n for n, t in state.items() if isinstance(t, QuantizedLinear)]}
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        if quantizer is not None:
+            model.quantization = quantizer.install(model, quantized)
         if placer is not None:
             placer.dispatch(model)
     except BaseException:
@@ -436,6 +455,10 @@ def save_model(model: OlmoModel, directory: str | os.PathLike, *, max_shard_size
     Files are written under temporary names and renamed only once all are complete, so a failure leaves
     the directory's files as they were.
     """
+    if getattr(model, "quantization", None) is not None:
+        raise QuantizationError(f"save_model: this model is quantized ({model.quantization.scheme}); olmo-lab saves "
+                                f"full-precision checkpoints only. Save the original, and load it with "
+                                f"quantize={model.quantization.scheme!r}")
     directory = os.fspath(directory)
     limit = _parse_size(max_shard_size)
     if any(p.is_meta for p in model.parameters()):

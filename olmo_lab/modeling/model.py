@@ -21,6 +21,7 @@ from ..analysis.hooks import HookRegistry
 from .mlp import SwiGLU
 from .moe import MoE
 from .norm import RMSNorm
+from .quantized import check_conversion
 from .rope import RotaryEmbedding
 
 
@@ -90,6 +91,7 @@ class OlmoModel(nn.Module):
         self.toggles_changed()
         self.hooks = HookRegistry(self)  # every named hook point; see olmo_lab.hooks
         self._interventions: tuple = ()  # ids of the active interventions: part of the KV-cache key
+        self.quantization = None  # what load_model(quantize=...) quantized: olmo_lab.quantized.Quantization
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -239,6 +241,11 @@ class OlmoModel(nn.Module):
         """Record the current expert toggles; caches built under other toggles become stale."""
         if self.config.is_moe:
             self._toggle_key = tuple((b.mlp.opted_out, b.mlp.dropped) for b in self.model.layers)
+
+    def _apply(self, fn, recurse=True):
+        if self.quantization is not None:  # .to(), .float(), ...: a quantized model keeps its dtype and device
+            check_conversion(self, fn)
+        return super()._apply(fn, recurse)
 
     @property
     def dtype(self) -> torch.dtype:
