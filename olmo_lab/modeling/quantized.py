@@ -304,26 +304,31 @@ _LIBC = _glibc() if sys.platform.startswith("linux") else None
 
 def _torchao() -> SimpleNamespace:
     """The torchao names olmo-lab uses, imported only when a model is quantized (torchao is optional)."""
-    quiet = "torchao" not in sys.modules and not torch.cuda.is_available()
-    log = logging.getLogger("torchao")
-    level = log.level
-    if quiet:  # a CPU-only torch cannot load torchao's CUDA kernel libraries; torchao warns about each one
+    # A CPU-only torch cannot load torchao's CUDA kernel libraries, and torchao warns about each one; torch
+    # warns that torchao registers an Enum the old way. Neither concerns a user: both are silenced here.
+    quiet = [logging.getLogger("torch.utils._pytree")]
+    if "torchao" not in sys.modules and not torch.cuda.is_available():
+        quiet.append(logging.getLogger("torchao"))
+    levels = [log.level for log in quiet]
+    for log in quiet:
         log.setLevel(logging.ERROR)
     try:
-        torchao = importlib.import_module("torchao")
-    except ImportError as e:
-        raise QuantizationError(f"quantize= needs torchao, which is not installed ({e}); install it with "
-                                f"pip install 'olmo-lab[quant]' (torchao==0.18.0)") from None
+        try:
+            torchao = importlib.import_module("torchao")
+        except ImportError as e:
+            raise QuantizationError(f"quantize= needs torchao, which is not installed ({e}); install it with "
+                                    f"pip install 'olmo-lab[quant]' (torchao==0.18.0)") from None
+        try:
+            quantization = importlib.import_module("torchao.quantization")
+            int4 = importlib.import_module("torchao.prototype.quantization.int4")
+            return SimpleNamespace(quantize_=quantization.quantize_,
+                                   Int8WeightOnlyConfig=quantization.Int8WeightOnlyConfig,
+                                   Int4WeightOnlyConfig=quantization.Int4WeightOnlyConfig,
+                                   PrototypeInt4WeightOnlyConfig=int4.PrototypeInt4WeightOnlyConfig,
+                                   TorchAOBaseTensor=importlib.import_module("torchao.utils").TorchAOBaseTensor)
+        except (ImportError, AttributeError) as e:
+            raise QuantizationError(f"quantize= needs torchao 0.18 (pip install 'olmo-lab[quant]'); the installed "
+                                    f"torchao {getattr(torchao, '__version__', '?')} lacks what it uses ({e})") from None
     finally:
-        log.setLevel(level)
-    try:
-        quantization = importlib.import_module("torchao.quantization")
-        int4 = importlib.import_module("torchao.prototype.quantization.int4")
-        return SimpleNamespace(quantize_=quantization.quantize_,
-                               Int8WeightOnlyConfig=quantization.Int8WeightOnlyConfig,
-                               Int4WeightOnlyConfig=quantization.Int4WeightOnlyConfig,
-                               PrototypeInt4WeightOnlyConfig=int4.PrototypeInt4WeightOnlyConfig,
-                               TorchAOBaseTensor=importlib.import_module("torchao.utils").TorchAOBaseTensor)
-    except (ImportError, AttributeError) as e:
-        raise QuantizationError(f"quantize= needs torchao 0.18 (pip install 'olmo-lab[quant]'); the installed "
-                                f"torchao {getattr(torchao, '__version__', '?')} lacks what it uses ({e})") from None
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
