@@ -159,8 +159,9 @@ def patch(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, site: str =
         if site == "experts" else [f"head {h}" for h in range(model.config.num_attention_heads)]
     scores = torch.full((L, len(columns)), float("nan"))
     # Residual patches at later positions skip the work before them, so a forward holds a run of about
-    # S / 6 neighbouring positions (its rows all start at the first); other sites patch whole layers.
-    per_forward = min(batch, -(-S // 6)) if site == "resid_pre" else batch
+    # S / 4 neighbouring positions (its rows all start at the first: fewer, larger forwards measured
+    # faster than S / 6 or S / 3 on the 153M OLMo 3); other sites patch whole layers.
+    per_forward = min(batch, -(-S // 4)) if site == "resid_pre" else batch
     chunks = [(layer, list(range(len(columns)))[c:c + per_forward]) for layer in layers
               for c in range(0, len(columns), per_forward)]
     for layer, cols in tqdm(chunks, desc=f"patching {site}", disable=not progress):
