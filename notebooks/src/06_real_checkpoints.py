@@ -268,8 +268,11 @@ with olmo_lab.experts_off(q4, others), torch.no_grad():
 # model's shell:
 
 # %%
+import logging
+
 from accelerate.utils import infer_auto_device_map
 
+logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)  # "device 0 is not available": no GPU here
 for kept, memory in [(7, {0: "22GiB", "cpu": "24GiB"}), (7, {"cpu": "20GiB"}), (2, {"cpu": "20GiB"})]:
     shell = model_shell(released[f"FlexOlmo-7x7B-1T, {kept} experts kept"])
     places = infer_auto_device_map(shell, max_memory=dict(memory), no_split_module_classes=["Block"],
