@@ -113,6 +113,15 @@ def test_static_cache_bad_input_leaves_it_as_it_was():
         _model(DENSE)(ids[:, :1], cache=cache)
 
 
+def test_a_placed_model_refuses_a_static_cache(tmp_path):
+    olmo_lab.save_model(_model(DENSE), tmp_path / "ckpt")
+    placed = olmo_lab.load_model(tmp_path / "ckpt", device_map={"": "cpu"})
+    with pytest.raises(InputError, match="static cache needs a model on one device"):
+        placed.new_cache(batch_size=1, max_len=8)
+    with pytest.raises(InputError, match="static cache needs a model on one device"):
+        olmo_lab.generate(placed, None, [[5, 6]], max_new_tokens=2, cache="static")
+
+
 def test_generate_refuses_bad_cache_arguments():
     dense, moe = _model(DENSE), _model(MOE)
     ids = [[5, 6, 7]]

@@ -229,6 +229,9 @@ class OlmoModel(nn.Module):
         windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
         if batch_size is None and max_len is None:
             return KVCache(windows, id(self), self.cache_key)
+        if self.placement is not None:  # its layers may run on several devices; the buffers sit on one
+            raise InputError("a static cache needs a model on one device; this one was placed with a device map "
+                             f"({', '.join(sorted(self.placement.bytes))}): use the default cache")
         limit = self.config.max_position_embeddings
         for name, value, top in (("batch_size", batch_size, 2**20), ("max_len", max_len, limit)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
