@@ -4,7 +4,10 @@ On small models batch-1 decoding is dominated by the cost of launching each oper
 by arithmetic; a compiled step fuses the norms, RoPE and masking into a few kernels and calls them
 without the interpreter. Every shape is fixed (a (B, 1) token, a (B, max_len) key-padding row, the
 cache's (B, nkv, max_len, hd) buffers; the write slot is a tensor), so one graph serves every step of
-a generation, and later generations of the same batch size and cache length reuse it.
+a generation, and later generations of the same model, dtype, batch size and cache length reuse it
+(torch.compile keeps at most 8 graphs of the step, its recompile limit; past that the step runs
+uncompiled, with the same results). Weights are inputs of the graph, not constants, so weights edited
+in place are seen.
 
 A compiled graph cannot call Python hook functions, so tracing and interventions are refused here
 (`GenerationError`): they run on the uncompiled static or dynamic path, which has every hook point.
