@@ -205,7 +205,7 @@ def matvec_kernels(mats: list[torch.Tensor], repeats: int) -> dict:
     if mats[0].dtype == torch.float32:
         arrays, np_vecs = [m.numpy() for m in mats], {k: v[0].numpy() for k, v in vecs.items()}
         passes["numpy"] = lambda: [a @ np_vecs[a.shape[1]] for a in arrays]
-    if torch.backends.mkldnn.is_available():  # oneDNN with weights prepacked for batch 1 (what inductor's freezing uses)
+    if torch.backends.mkldnn.is_available():  # oneDNN, weights prepacked for batch 1 (as inductor's freezing does)
         packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in mats]
         passes["oneDNN prepacked"] = lambda: [torch.ops.mkldnn._linear_pointwise(vecs[m.shape[1]], p, None, "none",
                                                                                  [], "") for m, p in zip(mats, packed)]
@@ -530,7 +530,8 @@ def decode_section(r: dict | None, quick: bool) -> list[str]:
     kernels = sorted({k for by_dtype in models.values() for f in by_dtype.values() for k in f["matvec GiB/s"]})
     if kernels:
         lines += ["", "Matrix-vector kernels over the same matrices, GiB/s (the streaming read is the ceiling):", "",
-                  "| model | dtype | " + " | ".join(kernels) + " | streaming read |", "|---|---|" + "---|" * (len(kernels) + 1)]
+                  "| model | dtype | " + " | ".join(kernels) + " | streaming read |",
+                  "|---|---|" + "---|" * (len(kernels) + 1)]
         for name, by_dtype in models.items():
             for dtype, f in by_dtype.items():
                 cells = [f"{f['matvec GiB/s'][k]:.1f}" if k in f["matvec GiB/s"] else "" for k in kernels]

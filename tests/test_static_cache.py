@@ -165,3 +165,20 @@ def test_compiled_decode_matches_eager():
     next(stream)  # the prompt (uncompiled); the next token would be a compiled step
     with olmo_lab.trace(model), pytest.raises(GenerationError, match="cannot call Python hook functions"):
         next(stream)
+
+
+def test_a_failed_compile_is_a_generation_error(monkeypatch):
+    """Without a working C++ compiler inductor fails at the first compiled step: one olmo_lab error, the cache kept."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from olmo_lab.modeling import decode_step
+
+    def broken(*args):
+        raise BackendCompilerFailed(lambda: None, RuntimeError("InvalidCxxCompiler: no working C++ compiler"), None)
+    monkeypatch.setattr(decode_step, "_compiled_step", broken)
+    model = _model(DENSE)
+    with torch.inference_mode():
+        cache = model.new_cache(batch_size=1, max_len=16)
+        model(torch.tensor([[5, 6, 7]]), cache=cache)
+        with pytest.raises(GenerationError, match="could not build the decode step"):
+            CompiledDecode(model)(torch.tensor([[8]]), torch.tensor([[3]]), None, cache)
+    assert cache.length == 3

@@ -68,7 +68,8 @@ class CompiledDecode:
         try:
             logits = _compiled_step(self.model, input_ids, position_ids, slot, key_padding, cache, self.windows)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on the machine
-            raise GenerationError(f"compile=True: torch.compile could not build the decode step ({e.__class__.__name__}:"
-                                  f" {str(e).splitlines()[0][:200]}); generate with compile=False") from e
+            raise GenerationError(f"compile=True: torch.compile could not build the decode step "
+                                  f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); generate with "
+                                  "compile=False") from e
         cache.length += 1
         return logits
