@@ -182,3 +182,9 @@ def test_a_failed_compile_is_a_generation_error(monkeypatch):
         with pytest.raises(GenerationError, match="could not build the decode step"):
             CompiledDecode(model)(torch.tensor([[8]]), torch.tensor([[3]]), None, cache)
     assert cache.length == 3
+
+
+def test_static_caches_come_in_a_few_sizes():
+    from olmo_lab.generate import static_length
+    assert [static_length(n, 256) for n in (1, 48, 64, 65, 158, 256)] == [64, 64, 64, 128, 256, 256]
+    assert static_length(3000, 2048 + 1000) == 3048  # never past the context

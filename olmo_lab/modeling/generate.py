@@ -98,7 +98,10 @@ class Sampler:
         return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1).to(logits.device)
 
 
-STATIC_ROUNDING = 64  # static caches are sized in multiples of this, so nearby lengths share a compiled graph
+def static_length(needed: int, context: int) -> int:
+    """A static cache's size: the next power of two (at least 64, at most the context), so that generations of
+    different lengths share a few compiled graphs, at most twice the memory they need."""
+    return min(max(64, 1 << (needed - 1).bit_length()), context)
 
 
 @torch.inference_mode()
@@ -118,8 +121,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: 
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache, step_ids, position = None, ids, _positions(mask, ids)
     last = None
-    max_len = min(-(-(ids.shape[1] + max_new_tokens) // STATIC_ROUNDING) * STATIC_ROUNDING,
-                  model.config.max_position_embeddings)
+    max_len = static_length(ids.shape[1] + max_new_tokens, model.config.max_position_embeddings)
     compiled = CompiledDecode(model) if compile else None
     for _ in range(max_new_tokens):
         prefill = cache is None or cache.key != model.cache_key
