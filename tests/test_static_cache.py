@@ -188,3 +188,16 @@ def test_static_caches_come_in_a_few_sizes():
     from olmo_lab.generate import static_length
     assert [static_length(n, 256) for n in (1, 48, 64, 65, 158, 256)] == [64, 64, 64, 128, 256, 256]
     assert static_length(3000, 2048 + 1000) == 3048  # never past the context
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_model_gives_the_same_bits_with_a_static_cache(scheme):
+    model = olmo_lab.load_model(olmo_lab.lab_model("olmo3-lab"), quantize=scheme)
+    ids = torch.randint(3, 4000, (1, 9), generator=torch.Generator().manual_seed(7))
+    expected = olmo_lab.generate(model, None, ids, max_new_tokens=8, eos_token_id=[])
+    assert olmo_lab.generate(model, None, ids, max_new_tokens=8, eos_token_id=[], cache="static") == expected
+    with torch.inference_mode():
+        dyn, st = model.new_cache(), model.new_cache(batch_size=1, max_len=16)
+        assert torch.equal(model(ids, cache=dyn).logits, model(ids, cache=st).logits)
+        step = torch.tensor([expected[0][:1]])
+        assert torch.equal(model(step, cache=dyn).logits, model(step, cache=st).logits)
