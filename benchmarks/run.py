@@ -4,11 +4,14 @@
     python benchmarks/run.py --quick    # smaller models and fewer repeats (a smoke test)
     python benchmarks/run.py --device cuda
     python benchmarks/run.py --only coldstart   # re-measure the cold start alone; other figures kept
+    python benchmarks/run.py --only decode      # the decode-limits section alone (--quick: a smoke test)
 
 Every figure is a median over repeats and is reported as a ratio to transformers measured in the same
-run, because absolute times on shared machines drift. Decode speed is also reported as a fraction of
-the weight-streaming bound: decoding one token reads every active weight once, so one pass of
-matrix-vector products over the same weights is as fast as decoding can possibly be.
+run, because absolute times on shared machines drift. Decoding one token reads every active weight
+once, so decode speed is reported against two bounds: the kernel bound (one pass of torch's own
+matrix-vector products over the same weights: as fast as decoding can be with those kernels) and the
+memory bound (the same bytes read at the streaming bandwidth measured in the same run: the physical
+limit). The decode-limits section adds the static cache and the compiled decode step, fp32 and bf16.
 Not part of the unit tests: timings are measured here, never asserted.
 """
 
@@ -26,6 +29,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import olmo_lab
 from olmo_lab.config import OlmoConfig
@@ -77,11 +81,8 @@ def hf_load(path, dtype, device):
 
 
 @torch.inference_mode()
-def weight_streaming_bound(model, repeats) -> float:
-    """Seconds for one matrix-vector pass over the weights a decode step reads (the active experts only).
-
-    The fastest of the repeats, not the median: this is a lower bound, and interference only adds time.
-    """
+def decode_matrices(model) -> list[torch.Tensor]:
+    """The weight matrices one batch-1 decode step reads (the active experts only; not the embedding table)."""
     cfg = model.config
     mats = []
     for block in model.model.layers:
@@ -93,6 +94,16 @@ def weight_streaming_bound(model, repeats) -> float:
         for e in experts:
             mats += [e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight]
     mats.append(model.lm_head.weight)
+    return [m.detach() for m in mats]
+
+
+@torch.inference_mode()
+def kernel_bound(model, repeats) -> float:
+    """Seconds for one pass of torch.mv over the weights a decode step reads.
+
+    The fastest of the repeats, not the median: this is a lower bound, and interference only adds time.
+    """
+    mats = decode_matrices(model)
     vecs = {m.shape[1]: torch.randn(m.shape[1], dtype=m.dtype, device=m.device) for m in mats}
     outs = [torch.empty(m.shape[0], dtype=m.dtype, device=m.device) for m in mats]
 
@@ -157,7 +168,7 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mv", "aten::_groupe
 def decode_profile(run) -> dict:
     """Where the time of `run` (a short decode) goes: shares of wall time by kind of operator.
 
-    'matrix products' is time inside the GEMM/GEMV kernels (what the weight-streaming bound measures);
+    'matrix products' is time inside the GEMM/GEMV kernels (what the kernel bound measures);
     'other operators' the rest of aten's own time (norms, RoPE, softmax, indexing, copies);
     'framework and Python' whatever the profiler saw outside any operator.
     """
@@ -172,6 +183,77 @@ def decode_profile(run) -> dict:
     ops = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / 1e6
     return {"matrix products": matmul / wall, "other operators": (ops - matmul) / wall,
             "framework and Python": max(0.0, 1 - ops / wall)}
+
+
+DECODE_LIMIT_MODELS = ["olmo3-lab", "olmo3-150M"]  # per-step overhead dominates the first, memory traffic the second
+DECODE_KINDS = {"eager": {}, "static": {"cache": "static"}, "compiled": {"cache": "static", "compile": True}}
+
+
+@torch.inference_mode()
+def streaming_seconds(nbytes: int, repeats: int, device) -> float:
+    """Seconds to read `nbytes` once: a sum over an fp32 tensor of that size, fastest of repeats."""
+    t = torch.ones(nbytes // 4, device=device)
+    return median_time(lambda: t.sum(), repeats, warmup=2, reduce=min)
+
+
+@torch.inference_mode()
+def matvec_kernels(mats: list[torch.Tensor], repeats: int) -> dict:
+    """GiB/s of one pass over `mats` with each CPU matrix-vector kernel in reach: which one limits decoding."""
+    vecs = {k: torch.randn(1, k, dtype=mats[0].dtype) for k in {m.shape[1] for m in mats}}
+    passes = {"torch.mv": lambda: [torch.mv(m, vecs[m.shape[1]][0]) for m in mats],
+              "F.linear (nn.Linear)": lambda: [F.linear(vecs[m.shape[1]], m) for m in mats]}
+    if mats[0].dtype == torch.float32:
+        arrays, np_vecs = [m.numpy() for m in mats], {k: v[0].numpy() for k, v in vecs.items()}
+        passes["numpy"] = lambda: [a @ np_vecs[a.shape[1]] for a in arrays]
+    if torch.backends.mkldnn.is_available():  # oneDNN, weights prepacked for batch 1 (as inductor's freezing does)
+        packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in mats]
+        passes["oneDNN prepacked"] = lambda: [torch.ops.mkldnn._linear_pointwise(vecs[m.shape[1]], p, None, "none",
+                                                                                 [], "") for m, p in zip(mats, packed)]
+    nbytes = sum(m.numel() * m.element_size() for m in mats)
+    return {name: nbytes / median_time(f, repeats, warmup=1, reduce=min) / 2**30 for name, f in passes.items()}
+
+
+def decode_limits(path: str, repeats: int, new_tokens: int, device) -> dict:
+    """Batch-1 decode of one checkpoint in fp32 and bf16: eager, static cache and compiled, against the memory
+    bound (bytes of the matrices read per token at the streaming bandwidth measured here) and the kernel bound."""
+    model = olmo_lab.load_model(path).to(device)
+    ids = torch.randint(2, model.config.vocab_size, (1, 32), device=device)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        nbytes = sum(m.numel() * m.element_size() for m in decode_matrices(model))
+
+        def run(kw):
+            return olmo_lab.generate(model, None, ids, max_new_tokens=new_tokens, eos_token_id=[], **kw)
+        start = time.perf_counter()
+        run(DECODE_KINDS["compiled"])  # the first compiled call compiles the step
+        first = time.perf_counter() - start
+        times = {kind: [] for kind in DECODE_KINDS}
+        for _ in range(repeats):  # the kinds take turns, so a change in load affects them alike
+            for kind, kw in DECODE_KINDS.items():
+                times[kind].append(median_time(lambda: run(kw), 1, warmup=0))
+        speeds = {kind: new_tokens / statistics.median(t) for kind, t in times.items()}
+        memory, kernel = streaming_seconds(nbytes, repeats * 5, device), kernel_bound(model, repeats * 3)
+        out[str(dtype).removeprefix("torch.")] = {
+            "bytes read per token": nbytes, "streaming read GiB/s": nbytes / memory / 2**30, "tok/s": speeds,
+            "compile s": first - new_tokens / speeds["compiled"],
+            "fraction of memory bound": {k: v * memory for k, v in speeds.items()},
+            "fraction of kernel bound": {k: v * kernel for k, v in speeds.items()},
+            "matvec GiB/s": matvec_kernels(decode_matrices(model), repeats * 3) if device.type == "cpu" else {}}
+    return out
+
+
+def decode_section_figures(repeats: int, quick: bool, device, tmp: str) -> dict:
+    """The decode-limits figures of every model in DECODE_LIMIT_MODELS, with the machine's load around them."""
+    load = os.getloadavg()[0]
+    new_tokens = 16 if quick else 128
+    paths = {name: olmo_lab.lab_model(name) if name in LAB_MODELS else
+             make_checkpoint(name, QUICK if quick else {}, tmp) for name in DECODE_LIMIT_MODELS}
+    out = {name: decode_limits(path, repeats, new_tokens, device) for name, path in paths.items()}
+    out["conditions"] = (f"batch 1, 32-token prompt, {new_tokens} new tokens, median of {repeats}; machine load "
+                         f"(1-min load average, start / end) {load:.1f} / {os.getloadavg()[0]:.1f} on "
+                         f"{os.cpu_count()} CPUs")
+    return out
 
 
 @torch.inference_mode()
@@ -258,26 +340,28 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=HERE)
-    ap.add_argument("--only", choices=["coldstart"], help="measure only this section; keep the other figures "
-                                                           "of the results file")
+    ap.add_argument("--only", choices=["coldstart", "decode"], help="measure only this section; keep the other "
+                                                                     "figures of the results file")
     args = ap.parse_args(argv)
-    if args.only == "coldstart":
+    device = torch.device(args.device)
+    repeats = args.repeats or (2 if args.quick else 3)
+    if args.only:
         name = "results-quick.json" if args.quick else "results.json"
-        with open(os.path.join(args.out, name)) as f:
-            results = json.load(f)
-        results["cold start"] = cold_start(args.repeats or 7)
+        if os.path.exists(os.path.join(args.out, name)):
+            with open(os.path.join(args.out, name)) as f:
+                results = json.load(f)
+        else:  # nothing measured before: this section alone
+            results = header(args.quick, device)
+        if args.only == "coldstart":
+            results["cold start"] = cold_start(args.repeats or 7)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                results["decode limits"] = decode_section_figures(repeats, args.quick, device, tmp)
         write(results, args.out)
         return results
-    repeats = args.repeats or (2 if args.quick else 3)
     new_tokens = 16 if args.quick else 128
     overrides = QUICK if args.quick else {}
-    device = torch.device(args.device)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "date": datetime.date.today().isoformat(), "quick": args.quick, "models": {}}
-    import transformers
-    results["transformers"] = transformers.__version__
+    results = header(args.quick, device)
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
             path = make_checkpoint(name, overrides, tmp)
@@ -286,12 +370,12 @@ def main(argv=None):
             hf = hf_load(path, torch.float32, device)
             r["parameters"] = model.num_parameters()
             r["weight_bytes"] = olmo_lab.checkpoint.checkpoint_size(path)
-            bound = weight_streaming_bound(model, repeats * 3)
+            bound = kernel_bound(model, repeats * 3)
             for batch in (1, 8):
                 ours, theirs = decode_speed(model, hf, batch, 32, new_tokens, repeats, device)
                 r[f"decode b{batch} fp32 tok/s"] = [ours, theirs]
                 if batch == 1:
-                    r["decode b1 fraction of weight-streaming bound"] = ours * bound
+                    r["decode b1 fraction of kernel bound"] = ours * bound
             r["prefill 512 fp32 tok/s"] = list(prefill_speed(model, hf, 512, repeats, device))
             ids = torch.randint(2, model.config.vocab_size, (1, 32), device=device)
             if device.type == "cpu":  # the profile times CPU operators; on a GPU it would time kernel launches
@@ -322,9 +406,19 @@ def main(argv=None):
             del model
         for name in LAB_MODELS:
             results["models"][name] = lab_model_figures(name, repeats, device)
+        results["decode limits"] = decode_section_figures(repeats, args.quick, device, tmp)
     results["cold start"] = cold_start(repeats * 2 + 1)
     write(results, args.out)
     return results
+
+
+def header(quick: bool, device) -> dict:
+    """What every results file starts with: the machine, the versions, the date."""
+    import transformers
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "transformers": transformers.__version__,
+            "date": datetime.date.today().isoformat(), "quick": quick, "models": {}}
 
 
 def lab_model_figures(name: str, repeats: int, device) -> dict:
@@ -355,7 +449,7 @@ def _value(v):
 TARGETS = [  # (model, or None for each of MODELS; figure; what to read off it; bound; at least (1) / at most (-1))
     # judged on the ~150M random models of the issue; the lab models are measured, not judged
     ("olmo3-150M", "decode b1 fp32 tok/s", _ratio, 3.0, 1, "decode b1 vs transformers"),
-    (None, "decode b1 fraction of weight-streaming bound", _value, 0.6, 1, "decode b1, fraction of the bound"),
+    (None, "decode b1 fraction of kernel bound", _value, 0.6, 1, "decode b1, fraction of the kernel bound"),
     (None, "prefill 512 fp32 tok/s", _ratio, 1.0, 1, "prefill vs transformers"),
     ("flexolmo-160M-top2", "decode b1 fp32 tok/s", _ratio, 1.5, 1, "top-2 decode vs transformers"),
     ("flexolmo-160M-top2", "prefill 512 fp32 tok/s", _ratio, 1.5, 1, "top-2 prefill vs transformers"),
@@ -400,6 +494,59 @@ def cold_start_section(r: dict | None) -> list[str]:
     return lines
 
 
+DECODE_TARGETS = [  # (model, what, read from the figures, at least); judged on a full run only
+    ("olmo3-150M", "bf16 eager decode / fp32 eager", lambda r: r["bfloat16"]["tok/s"]["eager"] /
+     r["float32"]["tok/s"]["eager"], 1.8),
+    ("olmo3-150M", "fp32 decode, fraction of its memory bound (best path)",
+     lambda r: max(r["float32"]["fraction of memory bound"].values()), 0.5),
+    ("olmo3-150M", "bf16 decode, fraction of its memory bound (best path)",
+     lambda r: max(r["bfloat16"]["fraction of memory bound"].values()), 0.5),
+    ("olmo3-lab", "fp32 compiled decode / eager", lambda r: r["float32"]["tok/s"]["compiled"] /
+     r["float32"]["tok/s"]["eager"], 2.0),
+]
+
+
+def decode_section(r: dict | None, quick: bool) -> list[str]:
+    """The decode-limits figures and their targets (issue 19), as Markdown lines; none before they were measured."""
+    if not r:
+        return []
+    models = {k: v for k, v in r.items() if k != "conditions"}
+    lines = ["## Decode near the memory limit (issue 19)", "", f"{r['conditions']}. Memory bound: the bytes of the "
+             "matrices one token reads (not the embedding table) at the streaming-read bandwidth of a sum over a "
+             "tensor of that size, measured in the same run (a model that fits in the last-level cache reads at "
+             "cache speed); kernel bound: one pass of torch.mv over the same matrices. The compiled step runs "
+             "after the prompt (uncompiled); compile s is its first call's extra time.", "",
+             "| model | dtype | MiB/token | stream GiB/s | eager tok/s | static tok/s | compiled tok/s | static / "
+             "eager | compiled / eager | compile s | eager / memory bound | compiled / memory bound | eager / "
+             "kernel bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, by_dtype in models.items():
+        for dtype, f in by_dtype.items():
+            v, mem = f["tok/s"], f["fraction of memory bound"]
+            lines.append(f"| {name} | {dtype} | {f['bytes read per token'] / 2**20:.1f} | "
+                         f"{f['streaming read GiB/s']:.1f} | {v['eager']:.1f} | {v['static']:.1f} | "
+                         f"{v['compiled']:.1f} | {v['static'] / v['eager']:.2f}x | {v['compiled'] / v['eager']:.2f}x | "
+                         f"{f['compile s']:.1f} | {mem['eager']:.2f} | {mem['compiled']:.2f} | "
+                         f"{f['fraction of kernel bound']['eager']:.2f} |")
+    kernels = sorted({k for by_dtype in models.values() for f in by_dtype.values() for k in f["matvec GiB/s"]})
+    if kernels:
+        lines += ["", "Matrix-vector kernels over the same matrices, GiB/s (the streaming read is the ceiling):", "",
+                  "| model | dtype | " + " | ".join(kernels) + " | streaming read |",
+                  "|---|---|" + "---|" * (len(kernels) + 1)]
+        for name, by_dtype in models.items():
+            for dtype, f in by_dtype.items():
+                cells = [f"{f['matvec GiB/s'][k]:.1f}" if k in f["matvec GiB/s"] else "" for k in kernels]
+                lines.append(f"| {name} | {dtype} | " + " | ".join(cells) + f" | {f['streaming read GiB/s']:.1f} |")
+    lines.append("")
+    if quick:
+        return lines + ["Not judged: a quick run uses a smaller model than the targets are set for.", ""]
+    lines += ["| model | target | measured | met |", "|---|---|---|---|"]
+    for name, what, read, bound in DECODE_TARGETS:
+        if name in models:
+            v = read(models[name])
+            lines.append(f"| {name} | {what} >= {bound:g} | {v:.2f} | {'yes' if v >= bound else '**no**'} |")
+    return lines + [""]
+
+
 def write(results: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     name = "results-quick.json" if results["quick"] else "results.json"
@@ -409,7 +556,7 @@ def write(results: dict, out: str) -> None:
              f"- date: {results['date']}; device: {results['device']}; machine: {results['machine']}",
              f"- torch {results['torch']} ({results['threads']} threads); transformers {results['transformers']}",
              "- pairs are olmo-lab / transformers on the same weights in the same process; median of repeats "
-             "(the weight-streaming bound and tracing overheads: fastest of repeats, since noise only adds time)",
+             "(the kernel and memory bounds and tracing overheads: fastest of repeats, since noise only adds time)",
              "- transformers memory-maps the checkpoint, so its load time and peak RSS right after loading leave out "
              "reading the weights (that happens on first use); olmo-lab reads every tensor and checks its shape and "
              "that it is finite while loading", ""]
@@ -436,6 +583,7 @@ def write(results: dict, out: str) -> None:
                           f"decode b1 would be at most {ratio / share:.2f}x transformers ({ratio:.2f}x / {share:.0%})."]
         lines.append("")
     lines += cold_start_section(results.get("cold start"))
+    lines += decode_section(results.get("decode limits"), results["quick"])
     lines += ["## Targets (issue 7)", ""]
     if results["quick"]:
         lines += ["Not judged: a quick run uses smaller models than the targets are set for.", ""]

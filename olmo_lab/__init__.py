@@ -41,8 +41,8 @@ __version__ = "0.1.0"
 
 # The flat public name of every module in a role folder (`olmo_lab.trace` and `olmo_lab.generate` name the
 # functions above; their modules keep those flat names for `from olmo_lab.trace import Trace`).
-ROLES = {"modeling": ["attention", "cache", "config", "experts", "generate", "mlp", "model", "moe", "norm", "quantized",
-                      "rope"],
+ROLES = {"modeling": ["attention", "cache", "config", "decode_step", "experts", "generate", "mlp", "model", "moe",
+                      "norm", "quantized", "rope"],
          "checkpoints": ["chat_template", "checkpoint", "compare", "dolma2", "hub", "json_file", "placement",
                          "safetensors_file", "summary", "tokenizer"],
          "analysis": ["corpus", "corpus_plots", "corpus_ray", "heads", "hooks", "interventions", "lens", "patching",

@@ -145,7 +145,7 @@ class StudentCache(KVCache):
                          model.cache_key)
         self.student = student
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, mask=None):
         return self.student.update(layer, k, v)
 
 

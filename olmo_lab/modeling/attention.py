@@ -30,11 +30,14 @@ class AttentionMask:
 
     `allowed` is (B, 1, S, kv_len) bool, or None when plain causal attention needs no mask
     (then SDPA runs with `is_causal`). `kv_start` is the cache index of the first key.
+    `query_slots` (S,): the cache index of each query as a tensor, set only by `static_mask`, so that a
+    compiled step writes its keys without a Python int that would be baked into the graph.
     """
 
     allowed: torch.Tensor | None
     kv_start: int
     kv_len: int
+    query_slots: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> "AttentionMask":
         """The mask on another device (a layer placed on another GPU gets it there)."""
@@ -65,6 +68,17 @@ def build_mask(batch: int, q_len: int, past: int, window: int | None,
     if key_padding is not None:
         allowed = allowed & key_padding[:, None, None, :]
     return AttentionMask(allowed, kv_start, kv_len)
+
+
+def static_mask(slots: torch.Tensor, max_len: int, window: int | None, key_padding: torch.Tensor) -> AttentionMask:
+    """The mask of a fixed-shape step over every slot of a static cache: (B, 1, S, max_len) bool.
+
+    slots (S,) are the queries' cache indices, key_padding (B, max_len) bool is 1 for real tokens (slots
+    not yet written are hidden by causality whatever it holds). The shapes never change from step to step,
+    which is what lets one compiled graph serve a whole generation.
+    """
+    allowed = visible(slots, torch.arange(max_len, device=slots.device), window)  # (S, max_len)
+    return AttentionMask(allowed[None, None] & key_padding[:, None, None, :], 0, max_len, slots)
 
 
 def visible(q_idx: torch.Tensor, kv_idx: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -126,7 +140,7 @@ class Attention(nn.Module):
         if hooks is not None:  # this call's post-RoPE q, k, v (what goes into the cache)
             q, k, v = hooks.run("hook_q", q), hooks.run("hook_k", k), hooks.run("hook_v", v)
         if cache is not None:  # post-RoPE keys are cached; get back every key this step can see
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v, mask)
         if hooks is not None and "hook_pattern" in hooks:
             probs = attention_probabilities(q, k, mask.allowed, self.scale)
             new = hooks.run("hook_pattern", probs, kv_start=mask.kv_start)

@@ -17,12 +17,14 @@ from typing import Iterator
 
 import torch
 
+from .decode_step import CompiledDecode, refuse_hooks
 from ..errors import GenerationError, TokenizerError, brief
 
 
 def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: str | list[str] | None = None, stream: bool = False, eos_token_id=None):
+             stop: str | list[str] | None = None, stream: bool = False, eos_token_id=None,
+             cache: str = "dynamic", compile: bool = False):
     """Continue a prompt (str, list of str, list of ids, list of id lists, or a (B, S) tensor).
 
     Returns the continuation in the prompt's form: text for text, new token ids for ids. With
@@ -30,13 +32,18 @@ def generate(model, tokenizer, prompt_or_ids, max_new_tokens: int = 32, temperat
     temperature 0 is greedy; > 0 samples (optionally restricted by top_k / top_p) from a generator
     seeded with `seed`. Generation ends at an EOS token (the model's, the tokenizer's, or
     `eos_token_id`) or a `stop` string; the text is cut before the stop string.
+    cache: "dynamic" (grows by concatenation; the default) or "static" (preallocated, the same logits);
+    compile=True (needs cache="static") runs each decode step through torch.compile: no hooks, and the
+    first call compiles (seconds); see olmo_lab.decode_step.
     """
     ids, mask, as_text, single = _encode(model, tokenizer, prompt_or_ids)
     stops = _stops(stop)
     _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stops, tokenizer, stream)
+    _check_cache_args(model, cache, compile)
     eos = _eos_ids(model, tokenizer, _check_eos(eos_token_id))
     sampler = Sampler(temperature, top_k, top_p, seed, _vocab_limit(model, tokenizer))
-    steps = decode(model, ids, mask, max_new_tokens, sampler, eos, _stop_check(tokenizer, stops))
+    steps = decode(model, ids, mask, max_new_tokens, sampler, eos, _stop_check(tokenizer, stops),
+                   static=cache == "static", compile=compile)
     if stream:
         return _stream_text(steps, tokenizer, stops) if as_text else (t[0].item() for t in steps)
     new = [[] for _ in range(ids.shape[0])]
@@ -91,12 +98,20 @@ class Sampler:
         return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1).to(logits.device)
 
 
+def static_length(needed: int, context: int) -> int:
+    """A static cache's size: the next power of two (at least 64, at most the context), so that generations of
+    different lengths share a few compiled graphs, at most twice the memory they need."""
+    return min(max(64, 1 << (needed - 1).bit_length()), context)
+
+
 @torch.inference_mode()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, sampler, eos: set,
-           stop_check=None) -> Iterator[torch.Tensor]:
+           stop_check=None, static: bool = False, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (B,), step by step, until all are done.
 
     Finished sequences keep receiving their last token (callers ignore what follows EOS).
+    static: a preallocated cache for the prompt and every new token; compile: decode steps (not the
+    prompt) through the compiled step.
     """
     B = ids.shape[0]
     device = model.device
@@ -106,12 +121,18 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: 
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache, step_ids, position = None, ids, _positions(mask, ids)
     last = None
+    max_len = static_length(ids.shape[1] + max_new_tokens, model.config.max_position_embeddings)
+    compiled = CompiledDecode(model) if compile else None
     for _ in range(max_new_tokens):
-        if cache is None or cache.key != model.cache_key:  # first step, or toggles/interventions changed: (re)prefill
-            cache = model.new_cache()
+        prefill = cache is None or cache.key != model.cache_key
+        if prefill:  # first step, or toggles/interventions changed: (re)prefill
+            cache = model.new_cache(B, max_len) if static else model.new_cache()
             step_ids, position = seq, _positions(full_mask, seq)
-        logits = model(step_ids, attention_mask=full_mask, position_ids=position, cache=cache,
-                       logits_to_keep=1).logits[:, -1]  # (B, V)
+        if compiled is None or prefill:
+            logits = model(step_ids, attention_mask=full_mask, position_ids=position, cache=cache,
+                           logits_to_keep=1).logits[:, -1]  # (B, V)
+        else:
+            logits = compiled(step_ids, position, full_mask, cache)  # (B, V)
         nxt = sampler(logits)
         if last is not None:
             nxt = torch.where(finished, last, nxt)
@@ -266,6 +287,22 @@ def _check_args(model, ids, max_new_tokens, temperature, top_k, top_p, seed, sto
         raise GenerationError("stop: stop strings must be non-empty strings and need a tokenizer")
     if stream and ids.shape[0] != 1:
         raise GenerationError(f"stream: streaming needs a single prompt, got a batch of {ids.shape[0]}")
+
+
+def _check_cache_args(model, cache, compile):
+    if cache not in ("dynamic", "static"):
+        raise GenerationError(f"cache: expected 'dynamic' or 'static', got {brief(cache)}")
+    if not isinstance(compile, bool):
+        raise GenerationError(f"compile: expected True or False, got {brief(compile)}")
+    if compile and cache != "static":
+        raise GenerationError("compile=True needs cache='static': a compiled step needs the fixed shapes of a "
+                              "preallocated cache")
+    if compile and model.config.is_moe:
+        raise GenerationError("compile=True covers dense models: FlexOlmo's expert dispatch is decided in Python per "
+                              "token (which experts run), so a compiled step would recompile at routing decisions "
+                              "and is no faster; use cache='static' without compile")
+    if compile:
+        refuse_hooks(model)
 
 
 def _stop_check(tokenizer, stops):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, build_mask
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .config import OlmoConfig
 from ..errors import ExpertError, InputError
 from .experts import ExpertToggles
@@ -121,15 +121,9 @@ class OlmoModel(nn.Module):
             hooks.begin(input_ids, attention_mask, past, cache)
         try:
             x = self.model.embed_tokens(input_ids) if resid is None else resid  # (B, S, H)
-            cos_sin = self.model.rotary(position_ids)  # {layer type: (cos, sin)}, fp32
             masks = {t: build_mask(B, S, past, self.config.window(self.config.layer_types.index(t)),
-                                   attention_mask, input_ids.device) for t in cos_sin}
-            for block, layer_type in zip(self.model.layers[start_at_layer:], self.config.layer_types[start_at_layer:]):
-                x = block(x, cos_sin[layer_type], masks[layer_type], cache)
-            x = self.model.norm(x)
-            if logits_to_keep:
-                x = x[:, -logits_to_keep:]
-            logits = self.lm_head(x)
+                                   attention_mask, input_ids.device) for t in self.model.rotary.layer_types}
+            logits = self.run_blocks(x, position_ids, masks, cache, start_at_layer, logits_to_keep)
         except BaseException:
             if cache is not None:  # leave the cache exactly as it was
                 cache.restore(snapshot)
@@ -141,6 +135,18 @@ class OlmoModel(nn.Module):
         if hooks is not None:
             hooks.end(ok=True)
         return ModelOutput(logits, cache)
+
+    def run_blocks(self, x: torch.Tensor, position_ids: torch.Tensor, masks: dict, cache=None, start_at_layer: int = 0,
+                   logits_to_keep: int = 0) -> torch.Tensor:
+        """The computation itself, on checked inputs: blocks start_at_layer.. on x (B, S, H), the final norm, the
+        LM head. masks: {layer type: AttentionMask}. Shared by `forward` and the compiled decode step."""
+        cos_sin = self.model.rotary(position_ids)  # {layer type: (cos, sin)}, fp32
+        for block, layer_type in zip(self.model.layers[start_at_layer:], self.config.layer_types[start_at_layer:]):
+            x = block(x, cos_sin[layer_type], masks[layer_type], cache)
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0) -> int:
         """Every forward argument's type, shape, device and range, before any work; returns the cached length."""
@@ -172,6 +178,13 @@ class OlmoModel(nn.Module):
             if cache.batch_size not in (None, B):
                 raise InputError(f"cache: it holds a batch of {cache.batch_size} sequences, but input_ids has {B}")
             past = cache.length
+            if isinstance(cache, StaticKVCache):
+                if past + S > cache.max_len:
+                    raise InputError(f"cache: this static cache has room for {cache.max_len} positions; it holds "
+                                     f"{past} and input_ids adds {S}")
+                if cache.dtype != self.dtype or cache.key_buffers[0].device != self.device:
+                    raise InputError(f"cache: this static cache holds {cache.dtype} on {cache.key_buffers[0].device}, "
+                                     f"but the model is {self.dtype} on {self.device}; start a new cache")
         if past + S > self.config.max_position_embeddings:
             raise InputError(f"input_ids: {past + S} positions exceed the model's context of "
                              f"{self.config.max_position_embeddings} (max_position_embeddings)")
@@ -208,10 +221,23 @@ class OlmoModel(nn.Module):
             raise InputError(f"resid: expected {self.dtype} {(B, S, H)} on {self.device}, got {got}")
 
     # ------------------------------------------------------------------ helpers
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for this model under its current expert toggles."""
+    def new_cache(self, batch_size: int | None = None, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for this model under its current expert toggles and interventions.
+
+        With `batch_size` and `max_len`: a StaticKVCache, preallocated for that many sequences and positions.
+        """
         windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
-        return KVCache(windows, id(self), self.cache_key)
+        if batch_size is None and max_len is None:
+            return KVCache(windows, id(self), self.cache_key)
+        if self.placement is not None:  # its layers may run on several devices; the buffers sit on one
+            raise InputError("a static cache needs a model on one device; this one was placed with a device map "
+                             f"({', '.join(sorted(self.placement.bytes))}): use the default cache")
+        limit = self.config.max_position_embeddings
+        for name, value, top in (("batch_size", batch_size, 2**20), ("max_len", max_len, limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise InputError(f"{name}: a static cache needs an integer in [1, {top}], got {value!r:.80}")
+        return StaticKVCache(windows, id(self), self.cache_key, batch_size, max_len, self.config.num_key_value_heads,
+                             self.config.head_dim, self.dtype, self.device)
 
     def set_attention_backend(self, backend: str) -> "OlmoModel":
         """"sdpa" (fused, fast) or "eager" (explicit softmax). Both give the same logits up to rounding."""
