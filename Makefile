@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE := 1
 export ATEN_CPU_CAPABILITY := avx2
 export MKL_CBWR := AVX2,STRICT
 export ONEDNN_MAX_CPU_ISA := AVX2
+# torch.compile's code cache does not tell kernels built under ATEN_CPU_CAPABILITY=avx2 from others (a
+# decode step compiled outside make then failed inside it): runs under these settings keep their own.
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/torchinductor
 # The thread count changes how reductions are split: tests and notebook builds use CI's two cores.
 THREADS := OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 

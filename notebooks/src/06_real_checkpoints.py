@@ -259,6 +259,26 @@ with olmo_lab.experts_off(q4, others), torch.no_grad():
     print("int4, experts=['public', 'math'] == the rest opted out:", torch.equal(subset(x).logits, q4(x).logits))
 
 # %% [markdown]
+# ## Decoding faster: a static cache and a compiled step
+# `cache="static"` preallocates the KV cache (the seeds' `cache_implementation="static"`) and gives the
+# same logits bit for bit; `compile=True` also compiles each decode step with `torch.compile` (the first
+# call per model, batch size and cache length compiles: seconds on a CPU). A compiled graph cannot call
+# Python hooks, so traces and interventions refuse it and use the uncompiled paths. Speeds are measured in
+# `benchmarks/RESULTS.md`, not here.
+
+# %%
+lab3 = olmo_lab.Lab("olmo3-lab")
+prompt = "The king said to the queen that"
+eager = lab3.generate(prompt, max_new_tokens=60)
+print("static cache, same text:", lab3.generate(prompt, max_new_tokens=60, cache="static") == eager)
+print("compiled decode step, same text:", lab3.generate(prompt, max_new_tokens=60, cache="static", compile=True) == eager)
+with olmo_lab.trace(lab3.model):
+    try:
+        lab3.generate(prompt, max_new_tokens=5, cache="static", compile=True)
+    except olmo_lab.GenerationError as e:
+        print("GenerationError:", str(e)[:120], "...")
+
+# %% [markdown]
 # ## Placement: GPUs, CPU memory and disk
 # With accelerate installed (`pip install 'olmo-lab[placement]'`), `device_map=` spreads a model over
 # GPUs, CPU memory and disk while it is read: `"auto"` fills the GPUs, then CPU memory, then disk, within

@@ -9,6 +9,10 @@ a generation, and later generations of the same model, dtype, batch size and cac
 uncompiled, with the same results). Weights are inputs of the graph, not constants, so weights edited
 in place are seen.
 
+torch.compile's code cache does not tell kernels built under ATEN_CPU_CAPABILITY=avx2 from others: a
+step compiled without it and reused with it failed (index out of bounds), so runs that pin it keep their
+own cache (the Makefile sets TORCHINDUCTOR_CACHE_DIR).
+
 A compiled graph cannot call Python hook functions, so tracing and interventions are refused here
 (`GenerationError`): they run on the uncompiled static or dynamic path, which has every hook point.
 """
@@ -21,9 +25,9 @@ from .attention import static_mask
 from .cache import StaticKVCache
 from ..errors import GenerationError
 
-# torch.compile's options: inductor's own C++ kernels, weights read as constants of the graph ("freezing",
-# which lets it pre-pack them for the CPU's matrix kernels), no Python between the kernels ("cpp_wrapper").
-COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+# torch.compile's options: inductor's own C++ kernels with no Python between them ("cpp_wrapper"). No
+# "freezing": the weights stay inputs of the graph (edits are seen), and freezing measured no faster.
+COMPILE_OPTIONS = {"cpp_wrapper": True}
 
 
 def _step(model, input_ids, position_ids, slot, key_padding, cache: StaticKVCache, windows: dict):
