@@ -44,9 +44,9 @@ __version__ = "0.1.0"
 ROLES = {"modeling": ["attention", "cache", "config", "decode_step", "experts", "generate", "mlp", "model", "moe",
                       "norm", "quantized", "rope"],
          "checkpoints": ["chat_template", "checkpoint", "compare", "dolma2", "hub", "json_file", "placement",
-                         "safetensors_file", "summary", "tokenizer"],
+                         "revisions", "safetensors_file", "summary", "tokenizer"],
          "analysis": ["corpus", "corpus_plots", "corpus_ray", "heads", "hooks", "interventions", "lens", "patching",
-                      "plots", "trace", "widgets"],
+                      "plots", "sweep", "trace", "widgets"],
          "recipe": ["flexolmo", "lab", "train"]}
 _FLAT = {f"{__name__}.{m}": f"{__name__}.{role}.{m}" for role, ms in ROLES.items() for m in ms}
 

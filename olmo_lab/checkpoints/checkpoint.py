@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from . import hub
+from . import hub, revisions
 from ..modeling.config import RELEASED_7X7B_EXPERTS, OlmoConfig
 from ..errors import (CheckpointError, InputError, ConfigError, CorruptCheckpointError, ExpertError,
                      MissingTensorError, PlacementError, QuantizationError, ShapeMismatchError, UnexpectedTensorError,
@@ -58,10 +58,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
         raise CheckpointError(f"checkpoint: expected a directory or a hub repo id (a str or path), got "
                               f"{brief(path_or_repo_id)}")
     if os.path.isdir(path):
-        if revision is not None:
-            raise CheckpointError(f"revision: {revision!r} names a version of a hub repo, but {path!r} is a local "
-                                  f"directory, which has only the one version")
-        return path
+        return path if revision is None else revisions.local_revision(path, revision)  # its revisions/<name>/
     if os.path.exists(path) or not hub.looks_like_repo_id(path) or "/" not in path:
         raise CheckpointError(f"checkpoint: {brief(path)} is not a directory (and not a hub repo id like "
                               f"'allenai/Olmo-3-1025-7B')")
@@ -160,7 +157,8 @@ def load_model(path_or_repo_id, *, dtype: torch.dtype | str | None = None, devic
     device: "cpu" (the default), "cuda", "cuda:N" or "mps" (or a torch.device); it must exist on this machine.
     device_map, max_memory, offload_folder: spread the model over GPUs, CPU memory and disk instead
         (device_map="auto" or {module: place}; needs accelerate); see olmo_lab.checkpoints.placement.
-    revision: a branch, tag or commit of a hub repo (hub repo ids only).
+    revision: a branch, tag or commit of a hub repo, or one of a local checkpoint's `revisions/` (see
+        olmo_lab.revisions.list_revisions).
     experts: FlexOlmo only; names or indices of the experts to keep. Only their tensors are read,
         and the result equals loading everything and opting the others out.
     expert_names: names for the checkpoint's experts (default: config `expert_names`, the documented

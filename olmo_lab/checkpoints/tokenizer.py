@@ -25,9 +25,9 @@ from pathlib import Path
 import tokenizers
 import torch
 
-from . import hub
+from . import hub, revisions
 from .chat_template import chat_environment, render_chat_template
-from ..errors import TokenizerError
+from ..errors import CheckpointError, TokenizerError
 from .json_file import read_json
 
 # The files a hub snapshot needs for a tokenizer; everything else (weights) is left on the hub.
@@ -292,9 +292,13 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         raise TokenizerError(f"tokenizer: expected a file, a directory or a hub repo id (a str or path), got "
                              f"{path_or_repo_id!r:.100}")
     path = Path(path_or_repo_id).expanduser()
-    if revision is not None and path.exists():
-        raise TokenizerError(f"revision: {revision!r} names a version of a hub repo, but {path} is a local path, "
-                             f"which has only the one version")
+    if revision is not None and path.is_dir():  # a local checkpoint's revisions/<name>/
+        try:
+            path = Path(revisions.local_revision(str(path), revision))
+        except CheckpointError as e:
+            raise TokenizerError(str(e)) from None
+    elif revision is not None and path.exists():
+        raise TokenizerError(f"revision: {revision!r} names a version of a checkpoint, but {path} is a file")
     if path.is_file():
         return _load_files(path, path.parent if path.name == "tokenizer.json" else None)
     if path.is_dir():
