@@ -221,12 +221,12 @@ class Trace:
         rows = range(run.length)[queries or slice(None)]
         if rows.step != 1:
             raise InputError("pattern: queries must be a slice with step 1")
+        b_sel = slice(None) if batch is None else [batch] if isinstance(batch, int) else list(batch)
         if batch is not None:
-            b_sel = [batch] if isinstance(batch, int) else list(batch)
             q, k = q[b_sel], k[b_sel]
         if heads != list(range(attn.n_heads)):
             q, k = q[:, heads], k[:, [h // attn.groups for h in heads]]  # one key head per query head
-        mask = None if run.mask is None else run.mask[b_sel if batch is not None else slice(None)][:, key_start:].bool()
+        mask = None if run.mask is None else run.mask[b_sel][:, key_start:].bool()  # (B, K)
         out = torch.empty(q.shape[0], len(heads), len(rows), run.length, dtype=torch.float32)
         out[:, :, :max(0, min(run.start, rows.stop) - rows.start)] = 0  # queries from before the trace began
         first_chunk = (max(rows.start, run.start) // QUERY_CHUNK) * QUERY_CHUNK if len(rows) else run.length

@@ -29,8 +29,7 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str)
     from huggingface_hub import constants
 
     is_offline = constants.HF_HUB_OFFLINE or offline()
-    cache_dir = os.environ.get("HF_HUB_CACHE") or (
-        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    cache_dir = _cache_dir_set()
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
@@ -38,7 +37,7 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str)
     # huggingface_hub raises from several hierarchies (OSError subclasses for HTTP and cache misses,
     # ValueError for bad ids, httpx errors for proxies); all mean "could not get the files".
     except Exception as err:  # noqa: BLE001 -- turned into one clear HubError
-        cached = cached_revisions(Path(cache_dir or constants.HF_HUB_CACHE), repo_id)
+        cached = cached_revisions(cache_path(), repo_id)
         if is_offline and revision and cached:
             reason = "HF_HUB_OFFLINE is set and the local hub cache has no such revision"
         elif is_offline:
@@ -50,6 +49,19 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str)
             reason += f" (revisions in the local hub cache: {', '.join(cached)})"
         raise HubError(f"cannot load the {what} of hub repo {where}: {reason}. "
                        "Pass a local checkpoint directory instead.") from None
+
+
+def _cache_dir_set() -> str | None:
+    """The hub cache the environment names (HF_HUB_CACHE, or HF_HOME/hub), read now; None: huggingface_hub's default."""
+    return os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+
+
+def cache_path() -> Path:
+    """The local hub cache in use."""
+    from huggingface_hub import constants
+
+    return Path(_cache_dir_set() or constants.HF_HUB_CACHE)
 
 
 def cached_revisions(cache: Path, repo_id: str) -> list[str]:

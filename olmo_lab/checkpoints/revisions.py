@@ -64,8 +64,7 @@ def list_revisions(path_or_repo_id: str | os.PathLike) -> list[str]:
         raise CheckpointError(f"checkpoint: {path!r} is not a directory (and not a hub repo id like "
                               f"'allenai/Olmo-3-1025-7B')")
     if hub.offline():
-        from huggingface_hub.constants import HF_HUB_CACHE
-        cached = hub.cached_revisions(Path(os.environ.get("HF_HUB_CACHE", HF_HUB_CACHE)), path)
+        cached = hub.cached_revisions(hub.cache_path(), path)
         if not cached:
             raise HubError(f"cannot list the revisions of hub repo {path!r}: offline (HF_HUB_OFFLINE=1) and the local "
                            "hub cache has none of it")

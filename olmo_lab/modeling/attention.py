@@ -41,8 +41,8 @@ class AttentionMask:
 
     def to(self, device, non_blocking: bool = False) -> "AttentionMask":
         """The mask on another device (a layer placed on another GPU gets it there)."""
-        allowed = None if self.allowed is None else self.allowed.to(device, non_blocking=non_blocking)
-        return AttentionMask(allowed, self.kv_start, self.kv_len)
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return AttentionMask(move(self.allowed), self.kv_start, self.kv_len, move(self.query_slots))
 
 
 def build_mask(batch: int, q_len: int, past: int, window: int | None,
